@@ -1,0 +1,7 @@
+//! pecgate: a certified-email (PEC) gateway.
+pub mod cli;
+pub mod config;
+pub mod pec;
+pub mod pki;
+pub mod telemetry;
+pub mod verify;
