@@ -1,0 +1,734 @@
+//! S/MIME verification of PEC messages against the PEC trust anchors
+//! (openssl).
+//!
+//! A PEC receipt is evidence only if its provider really signed it with a
+//! certificate that was valid when it signed. [`Verifier::verify`] checks,
+//! in order:
+//! 1. the CMS signature over the exact signed bytes (detached
+//!    `multipart/signed`, canonicalised to CRLF, or opaque signed-data);
+//!    SHA-1 and SHA-256 digests and 1024-bit RSA keys are accepted, because
+//!    real providers and old archives use them;
+//! 2. the signer's chain up to a PEC trust anchor (AgID CA1, DigitPA CA1 or
+//!    the configured ones), with partial-chain verification so that no
+//!    general-purpose root makes a signature "PEC", and the S/MIME signing
+//!    purpose;
+//! 3. the PEC signing policy `1.3.76.16.3.1.1` in the signer certificate;
+//! 4. the signer's subjectAltName e-mail equal to the message's `From`;
+//! 5. validity of the whole chain **at the time of signing** (CMS
+//!    signingTime, else the daticert date, else the `Date` header).
+//!    Whether the signer certificate has expired *now* is reported apart.
+//!
+//! Revocation (CRL/OCSP) is not checked: every verdict says so.
+//! The outcome is data ([`Verdict`]), never an `Err`: an invalid signature
+//! is a normal result for a PEC gateway.
+//!
+//! Chains are verified once per distinct certificate set and cached, since a
+//! provider signs thousands of receipts with the same certificate.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use openssl::nid::Nid;
+use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
+use openssl::stack::Stack;
+use openssl::x509::store::{X509Store, X509StoreBuilder};
+use openssl::x509::verify::X509VerifyFlags;
+use openssl::x509::{X509, X509PurposeId, X509StoreContext};
+use serde::Serialize;
+
+use crate::pec::envelope::Signature;
+use crate::pec::ids::same_address;
+use crate::pec::inspect::Inspection;
+
+/// The OID of the PEC signing policy that every provider certificate carries.
+pub const PEC_POLICY_OID: &str = "1.3.76.16.3.1.1";
+
+/// The PEC trust anchors built into the binary (see `certs/README.md`).
+const BUILTIN_ANCHORS: &[(&str, &[u8])] = &[
+    (
+        "agid-ca1-2018.pem",
+        include_bytes!("../certs/agid-ca1-2018.pem"),
+    ),
+    (
+        "agid-ca1-2021.pem",
+        include_bytes!("../certs/agid-ca1-2021.pem"),
+    ),
+    (
+        "digitpa-ca1.pem",
+        include_bytes!("../certs/digitpa-ca1.pem"),
+    ),
+];
+
+/// The CMS `signingTime` attribute (PKCS #9).
+const SIGNING_TIME_OID: &str = "1.2.840.113549.1.9.5";
+
+/// The largest number of cached chain verdicts; the cache is cleared when it
+/// is full (a real mailbox sees a handful of provider certificates).
+const CHAIN_CACHE_MAX: usize = 1024;
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Signed by a PEC provider whose certificate was valid when it signed.
+    Valid,
+    /// Signed, but the signature does not prove what it should.
+    Invalid,
+    /// No signature at all.
+    Unsigned,
+}
+
+/// Why a signature is invalid, for programs (the human text is in
+/// [`Verdict::reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// The signature structure cannot be read.
+    Malformed,
+    /// The content does not match the signature (tampered or corrupted).
+    BadSignature,
+    /// The signer's chain does not reach a PEC trust anchor.
+    Untrusted,
+    /// The signer certificate lacks the PEC signing policy.
+    NotPecPolicy,
+    /// The signer's e-mail differs from the message's `From`.
+    AddressMismatch,
+    /// No time of signing could be found.
+    NoSigningTime,
+    /// A certificate of the chain was not valid when the message was signed.
+    NotValidWhenSigned,
+}
+
+/// Where the time of signing came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeSource {
+    /// The CMS signingTime signed attribute.
+    SigningTime,
+    /// The daticert `<data>` (signed content).
+    Daticert,
+    /// The `Date` header (not covered by the signature).
+    Date,
+}
+
+/// Everything known about a message's signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// valid, invalid or unsigned.
+    pub status: Status,
+    /// The failure class, when invalid.
+    #[serde(skip)]
+    pub failure: Option<Failure>,
+    /// Why the signature is invalid, in words.
+    pub reason: Option<String>,
+    /// The signer certificate's common name.
+    pub signer_cn: Option<String>,
+    /// The signer certificate's subjectAltName e-mail.
+    pub signer_email: Option<String>,
+    /// The issuer's common name.
+    pub issuer_cn: Option<String>,
+    /// The signer certificate's serial number, hexadecimal.
+    pub serial: Option<String>,
+    /// Start of the signer certificate's validity.
+    #[serde(serialize_with = "ser_opt_ts")]
+    pub not_before: Option<Timestamp>,
+    /// End of the signer certificate's validity.
+    #[serde(serialize_with = "ser_opt_ts")]
+    pub not_after: Option<Timestamp>,
+    /// When the message was signed.
+    #[serde(serialize_with = "ser_opt_ts")]
+    pub signed_at: Option<Timestamp>,
+    /// Where `signed_at` came from.
+    pub signed_at_source: Option<TimeSource>,
+    /// Whether the signer certificate has expired by now.
+    pub expired_now: Option<bool>,
+    /// Revocation status: always `not-checked` (no CRL/OCSP yet).
+    pub revocation: &'static str,
+}
+
+impl Verdict {
+    fn unsigned() -> Verdict {
+        Verdict {
+            status: Status::Unsigned,
+            failure: None,
+            reason: None,
+            signer_cn: None,
+            signer_email: None,
+            issuer_cn: None,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            signed_at: None,
+            signed_at_source: None,
+            expired_now: None,
+            revocation: "not-checked",
+        }
+    }
+
+    fn fail(mut self, failure: Failure, reason: impl Into<String>) -> Verdict {
+        self.status = Status::Invalid;
+        self.failure = Some(failure);
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// True when the signature is valid.
+    pub fn is_valid(&self) -> bool {
+        self.status == Status::Valid
+    }
+}
+
+fn ser_opt_ts<S: serde::Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// An instant as RFC 3339 UTC with `Z`, seconds precision.
+pub fn rfc3339(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Failure to load trust anchors (a configuration problem, not a verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// A directory could not be read.
+    #[error("trust anchors {path}: cannot read")]
+    Read {
+        /// The directory or file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is neither a PEM nor a DER certificate.
+    #[error("trust anchors {path}: not a PEM or DER certificate")]
+    NotACertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The directories held no certificate at all.
+    #[error("trust anchors {0}: no certificate found")]
+    Empty(String),
+    /// openssl failed to build the store.
+    #[error("trust anchors: {0}")]
+    Openssl(#[from] openssl::error::ErrorStack),
+}
+
+/// A set of PEC trust anchors.
+pub struct TrustAnchors {
+    certs: Vec<X509>,
+    store: X509Store,
+}
+
+impl fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.certs.iter().map(|c| common_name(c, true)).collect();
+        f.debug_struct("TrustAnchors")
+            .field("certs", &names)
+            .finish()
+    }
+}
+
+impl TrustAnchors {
+    /// The anchors built into the binary: AgID CA1 (2018 and 2021 editions)
+    /// and DigitPA CA1.
+    ///
+    /// # Errors
+    /// Only if the built-in PEM were corrupt (a build defect).
+    pub fn builtin() -> Result<TrustAnchors, TrustError> {
+        let mut certs = Vec::new();
+        for (_, pem) in BUILTIN_ANCHORS {
+            certs.extend(X509::stack_from_pem(pem)?);
+        }
+        TrustAnchors::from_certs(certs)
+    }
+
+    /// The PEM or DER certificates found in these directories (files in
+    /// name order, not recursive; files named README* are skipped).
+    ///
+    /// # Errors
+    /// A directory that cannot be read, a file that is not a certificate,
+    /// or no certificate at all.
+    pub fn from_dirs(dirs: &[impl AsRef<Path>]) -> Result<TrustAnchors, TrustError> {
+        let mut certs = Vec::new();
+        for dir in dirs {
+            let dir = dir.as_ref();
+            let read = |e| TrustError::Read {
+                path: dir.to_owned(),
+                source: e,
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(read)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .filter(|p| {
+                    !p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("README") || n.starts_with('.'))
+                })
+                .collect();
+            files.sort();
+            for file in files {
+                let bytes = std::fs::read(&file).map_err(|e| TrustError::Read {
+                    path: file.clone(),
+                    source: e,
+                })?;
+                certs.extend(
+                    parse_certificates(&bytes)
+                        .ok_or(TrustError::NotACertificate { path: file.clone() })?,
+                );
+            }
+        }
+        if certs.is_empty() {
+            let names: Vec<String> = dirs
+                .iter()
+                .map(|d| d.as_ref().display().to_string())
+                .collect();
+            return Err(TrustError::Empty(names.join(", ")));
+        }
+        TrustAnchors::from_certs(certs)
+    }
+
+    /// Anchors from certificates in memory.
+    ///
+    /// # Errors
+    /// openssl failures only.
+    pub fn from_certs(certs: Vec<X509>) -> Result<TrustAnchors, TrustError> {
+        let mut builder = X509StoreBuilder::new()?;
+        for c in &certs {
+            builder.add_cert(c.clone())?;
+        }
+        // Anchors are the PEC CAs themselves, not roots: accept a chain that
+        // ends at any of them. Times are checked by hand at the time of
+        // signing, hence NO_CHECK_TIME.
+        builder.set_flags(X509VerifyFlags::PARTIAL_CHAIN | X509VerifyFlags::NO_CHECK_TIME)?;
+        builder.set_purpose(X509PurposeId::SMIME_SIGN)?;
+        Ok(TrustAnchors {
+            certs,
+            store: builder.build(),
+        })
+    }
+
+    /// The anchors' certificates.
+    pub fn certificates(&self) -> &[X509] {
+        &self.certs
+    }
+}
+
+/// Parses one or more PEM certificates, or one DER certificate.
+fn parse_certificates(bytes: &[u8]) -> Option<Vec<X509>> {
+    if let Ok(v) = X509::stack_from_pem(bytes)
+        && !v.is_empty()
+    {
+        return Some(v);
+    }
+    X509::from_der(bytes).ok().map(|c| vec![c])
+}
+
+/// What the chain check found for one certificate set (cached).
+#[derive(Debug, Clone)]
+struct ChainInfo {
+    /// Why the chain is not trusted, if it is not.
+    error: Option<String>,
+    /// The window in which every certificate of the chain is valid.
+    valid_from: Option<Timestamp>,
+    valid_until: Option<Timestamp>,
+}
+
+/// Verifies PEC signatures; cheap to share between threads.
+#[derive(Debug)]
+pub struct Verifier {
+    anchors: TrustAnchors,
+    chains: Mutex<HashMap<[u8; 32], ChainInfo>>,
+}
+
+impl Verifier {
+    /// A verifier with these anchors.
+    pub fn new(anchors: TrustAnchors) -> Verifier {
+        Verifier {
+            anchors,
+            chains: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Verifies an inspected message; `now` only decides `expired_now`.
+    pub fn verify(&self, ins: &Inspection<'_>, now: Timestamp) -> Verdict {
+        let msg = &ins.message;
+        let verdict = Verdict::unsigned();
+        let (p7, content) = match &msg.signature {
+            Signature::Unsigned => return verdict,
+            Signature::Broken { reason } => {
+                return verdict.fail(Failure::Malformed, format!("broken signature: {reason}"));
+            }
+            Signature::Detached { der, .. } => {
+                let Ok(p7) = Pkcs7::from_der(der) else {
+                    return verdict.fail(Failure::Malformed, "smime.p7s is not a PKCS#7 structure");
+                };
+                (p7, msg.canonical_signed())
+            }
+            Signature::Opaque { der, .. } => {
+                let Ok(p7) = Pkcs7::from_der(der) else {
+                    return verdict.fail(Failure::Malformed, "smime.p7m is not a PKCS#7 structure");
+                };
+                (p7, None)
+            }
+        };
+        let Some(signed) = p7.signed() else {
+            return verdict.fail(Failure::Malformed, "PKCS#7 structure is not signed-data");
+        };
+        let empty: Stack<X509> = match Stack::new() {
+            Ok(s) => s,
+            Err(e) => return verdict.fail(Failure::Malformed, format!("openssl: {e}")),
+        };
+        let signer = match p7.signers(&empty, Pkcs7Flags::empty()) {
+            Ok(s) if s.len() == 1 => s.get(0).map(|c| c.to_owned()),
+            Ok(s) => {
+                return verdict.fail(
+                    Failure::Malformed,
+                    format!("{} signers instead of exactly one", s.len()),
+                );
+            }
+            Err(_) => None,
+        };
+        let Some(signer) = signer else {
+            return verdict.fail(Failure::Malformed, "no signer certificate in the signature");
+        };
+        let mut verdict = describe_signer(verdict, &signer, now);
+
+        // 1. The signature over the content (chain checked apart, below).
+        let empty_store = match X509StoreBuilder::new() {
+            Ok(b) => b.build(),
+            Err(e) => return verdict.fail(Failure::Malformed, format!("openssl: {e}")),
+        };
+        let mut out = Vec::new();
+        if let Err(e) = p7.verify(
+            &empty,
+            &empty_store,
+            content.as_deref(),
+            Some(&mut out),
+            Pkcs7Flags::NOVERIFY | Pkcs7Flags::BINARY,
+        ) {
+            return verdict.fail(
+                Failure::BadSignature,
+                format!(
+                    "signature does not match the content (tampered or corrupted): {}",
+                    first_reason(&e)
+                ),
+            );
+        }
+
+        // 2. The chain, once per certificate set.
+        let mut certs = vec![signer.clone()];
+        if let Some(included) = signed.certificates() {
+            certs.extend(included.iter().map(|c| c.to_owned()));
+        }
+        let chain = self.chain_info(&certs);
+        if let Some(err) = &chain.error {
+            return verdict.fail(
+                Failure::Untrusted,
+                format!("signer certificate does not chain to a PEC trust anchor: {err}"),
+            );
+        }
+
+        // 3. PEC policy.
+        match has_policy(&signer, PEC_POLICY_OID) {
+            Ok(true) => {}
+            Ok(false) => {
+                return verdict.fail(
+                    Failure::NotPecPolicy,
+                    format!("signer certificate lacks the PEC policy {PEC_POLICY_OID}"),
+                );
+            }
+            Err(e) => {
+                return verdict.fail(
+                    Failure::Malformed,
+                    format!("signer certificate cannot be read: {e}"),
+                );
+            }
+        }
+
+        // 4. The signer is the sender.
+        let signer_email = verdict.signer_email.clone();
+        match (&signer_email, &msg.from) {
+            (Some(s), Some(f)) if same_address(s, f) => {}
+            (Some(s), Some(f)) => {
+                return verdict.fail(
+                    Failure::AddressMismatch,
+                    format!("signer e-mail {s} differs from From {f}"),
+                );
+            }
+            (None, _) => {
+                return verdict.fail(
+                    Failure::AddressMismatch,
+                    "signer certificate has no e-mail in subjectAltName",
+                );
+            }
+            (_, None) => {
+                return verdict.fail(Failure::AddressMismatch, "message has no From address");
+            }
+        }
+
+        // 5. Valid at the time of signing.
+        let signing_time = match &msg.signature {
+            Signature::Detached { der, .. } | Signature::Opaque { der, .. } => {
+                cms_signing_time(der)
+            }
+            Signature::Unsigned | Signature::Broken { .. } => None,
+        };
+        let (signed_at, source) = match (
+            signing_time,
+            ins.daticert.as_ref().map(|d| d.data),
+            msg.date,
+        ) {
+            (Some(t), _, _) => (t, TimeSource::SigningTime),
+            (None, Some(t), _) => (t, TimeSource::Daticert),
+            (None, None, Some(t)) => (t, TimeSource::Date),
+            (None, None, None) => {
+                return verdict.fail(
+                    Failure::NoSigningTime,
+                    "no time of signing: no signingTime, daticert date or Date header",
+                );
+            }
+        };
+        verdict.signed_at = Some(signed_at);
+        verdict.signed_at_source = Some(source);
+        if chain.valid_from.is_some_and(|f| signed_at < f) {
+            return verdict.fail(
+                Failure::NotValidWhenSigned,
+                format!(
+                    "signed at {} before the certificate chain was valid (from {})",
+                    rfc3339(signed_at),
+                    chain.valid_from.map(rfc3339).unwrap_or_default()
+                ),
+            );
+        }
+        if chain.valid_until.is_some_and(|u| signed_at > u) {
+            return verdict.fail(
+                Failure::NotValidWhenSigned,
+                format!(
+                    "signed at {} after the certificate chain expired ({})",
+                    rfc3339(signed_at),
+                    chain.valid_until.map(rfc3339).unwrap_or_default()
+                ),
+            );
+        }
+        verdict.status = Status::Valid;
+        verdict
+    }
+
+    fn chain_info(&self, certs: &[X509]) -> ChainInfo {
+        let mut hasher = openssl::sha::Sha256::new();
+        for c in certs {
+            if let Ok(der) = c.to_der() {
+                hasher.update(&(der.len() as u64).to_be_bytes());
+                hasher.update(&der);
+            }
+        }
+        let key = hasher.finish();
+        if let Some(hit) = self.lock_chains().get(&key) {
+            return hit.clone();
+        }
+        let info = self.check_chain(certs);
+        let mut cache = self.lock_chains();
+        if cache.len() >= CHAIN_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, info.clone());
+        info
+    }
+
+    fn lock_chains(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], ChainInfo>> {
+        // A poisoned cache only means a panic elsewhere; its data is still
+        // a set of independent, complete entries.
+        self.chains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_chain(&self, certs: &[X509]) -> ChainInfo {
+        let untrusted = || -> Result<Stack<X509>, openssl::error::ErrorStack> {
+            let mut s = Stack::new()?;
+            for c in &certs[1..] {
+                s.push(c.clone())?;
+            }
+            Ok(s)
+        };
+        let result = untrusted().and_then(|chain| {
+            let mut ctx = X509StoreContext::new()?;
+            ctx.init(&self.anchors.store, &certs[0], &chain, |c| {
+                let ok = c.verify_cert()?;
+                let err = (!ok).then(|| c.error().error_string().to_owned());
+                let built: Vec<X509> = c
+                    .chain()
+                    .map(|s| s.iter().map(|x| x.to_owned()).collect())
+                    .unwrap_or_default();
+                Ok((err, built))
+            })
+        });
+        match result {
+            Err(e) => ChainInfo {
+                error: Some(first_reason(&e)),
+                valid_from: None,
+                valid_until: None,
+            },
+            Ok((Some(err), _)) => ChainInfo {
+                error: Some(err),
+                valid_from: None,
+                valid_until: None,
+            },
+            Ok((None, built)) => {
+                let mut from: Option<Timestamp> = None;
+                let mut until: Option<Timestamp> = None;
+                for c in &built {
+                    let nb = asn1_to_ts(c.not_before());
+                    let na = asn1_to_ts(c.not_after());
+                    from = max_opt(from, nb);
+                    until = min_opt(until, na);
+                }
+                ChainInfo {
+                    error: None,
+                    valid_from: from,
+                    valid_until: until,
+                }
+            }
+        }
+    }
+}
+
+fn max_opt(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn min_opt(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Fills in the signer's identity and validity.
+fn describe_signer(mut v: Verdict, signer: &X509, now: Timestamp) -> Verdict {
+    v.signer_cn = Some(common_name(signer, false)).filter(|s| !s.is_empty());
+    v.issuer_cn = Some(common_name(signer, true)).filter(|s| !s.is_empty());
+    v.serial = signer
+        .serial_number()
+        .to_bn()
+        .ok()
+        .and_then(|bn| bn.to_hex_str().ok())
+        .map(|h| h.to_string());
+    v.signer_email = signer.subject_alt_names().and_then(|names| {
+        names
+            .iter()
+            .find_map(|n| n.email().map(|e| e.trim().to_owned()))
+    });
+    v.not_before = asn1_to_ts(signer.not_before());
+    v.not_after = asn1_to_ts(signer.not_after());
+    v.expired_now = v.not_after.map(|na| now > na);
+    v
+}
+
+fn common_name(cert: &X509, issuer: bool) -> String {
+    let name = if issuer {
+        cert.issuer_name()
+    } else {
+        cert.subject_name()
+    };
+    name.entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
+        .unwrap_or_default()
+}
+
+fn asn1_to_ts(t: &openssl::asn1::Asn1TimeRef) -> Option<Timestamp> {
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(t).ok()?;
+    Timestamp::from_second(i64::from(d.days) * 86_400 + i64::from(d.secs)).ok()
+}
+
+fn first_reason(e: &openssl::error::ErrorStack) -> String {
+    e.errors()
+        .last()
+        .and_then(|x| x.reason().map(str::to_owned))
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// Whether the certificate's certificatePolicies contain `oid`.
+fn has_policy(cert: &X509, oid: &str) -> Result<bool, String> {
+    use der::Decode;
+    use x509_cert::ext::pkix::CertificatePolicies;
+
+    let der_bytes = cert.to_der().map_err(|e| e.to_string())?;
+    let parsed = x509_cert::Certificate::from_der(&der_bytes).map_err(|e| e.to_string())?;
+    let policies_oid = const_oid::db::rfc5280::ID_CE_CERTIFICATE_POLICIES;
+    let Some(exts) = parsed.tbs_certificate.extensions else {
+        return Ok(false);
+    };
+    for ext in exts.iter().filter(|e| e.extn_id == policies_oid) {
+        let policies =
+            CertificatePolicies::from_der(ext.extn_value.as_bytes()).map_err(|e| e.to_string())?;
+        if policies
+            .0
+            .iter()
+            .any(|p| p.policy_identifier.to_string() == oid)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The CMS signingTime signed attribute of the (single) signer, read from
+/// the DER with the RustCrypto `cms` crate (the openssl crate does not
+/// expose signed attributes). `None` when absent or not decodable (a BER
+/// structure, for instance).
+pub fn cms_signing_time(der_bytes: &[u8]) -> Option<Timestamp> {
+    use cms::content_info::ContentInfo;
+    use cms::signed_data::SignedData;
+    use der::Decode;
+
+    let ci = ContentInfo::from_der(der_bytes).ok()?;
+    let sd: SignedData = ci.content.decode_as().ok()?;
+    let signer = sd.signer_infos.0.iter().next()?;
+    let attrs = signer.signed_attrs.as_ref()?;
+    let attr = attrs
+        .iter()
+        .find(|a| a.oid.to_string() == SIGNING_TIME_OID)?;
+    let value = attr.values.iter().next()?;
+    let time = x509_cert::time::Time::from_der(&der::Encode::to_der(value).ok()?).ok()?;
+    let secs = i64::try_from(time.to_unix_duration().as_secs()).ok()?;
+    Timestamp::from_second(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_anchors_load() {
+        let a = TrustAnchors::builtin().unwrap();
+        assert_eq!(a.certificates().len(), 3);
+        let names = format!("{a:?}");
+        assert!(names.contains("Actalis"), "{names}");
+    }
+
+    #[test]
+    fn empty_trust_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = TrustAnchors::from_dirs(&[dir.path()]).unwrap_err();
+        assert!(err.to_string().contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn non_certificate_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("junk.pem"), b"hello").unwrap();
+        let err = TrustAnchors::from_dirs(&[dir.path()]).unwrap_err();
+        assert!(err.to_string().contains("junk.pem"), "{err}");
+    }
+}
