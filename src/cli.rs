@@ -1,0 +1,415 @@
+//! The command line: argument parsing (clap) and the commands that need no
+//! daemon. `main` calls [`run`] and turns its result into an exit status.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+use crate::pec::inspect::{Inspection, inspect};
+use crate::verify::{Status, TimeSource, TrustAnchors, Verdict, Verifier, rfc3339};
+
+/// Largest file `inspect` and `verify` read (a PEC message is at most about
+/// 100 MB; anything larger is not a PEC message).
+pub const MAX_MESSAGE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// pecgate: certified e-mail (PEC) gateway.
+#[derive(Debug, Parser)]
+#[command(name = "pecgate", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (default: $PECGATE_CONFIG, else /etc/pecgate/pecgate.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format: auto (JSON under systemd or when not a terminal), json, human.
+    #[arg(long, global = true, env = "PECGATE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing directive, e.g. "info" or "pecgate=debug").
+    #[arg(long, global = true, env = "PECGATE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Say what saved messages are (kind, daticert, problems) without judging signatures.
+    Inspect(InspectArgs),
+    /// Check the providers' S/MIME signatures of saved messages against the PEC trust anchors.
+    Verify(VerifyArgs),
+}
+
+/// Arguments of `pecgate verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Use the PEM/DER certificates in DIR as trust anchors instead of the
+    /// built-in PEC CAs (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub trust: Vec<PathBuf>,
+    /// One JSON object per line per file instead of readable blocks.
+    #[arg(long)]
+    pub json: bool,
+    /// Message files or directories (their `.eml` files, recursively, in name order).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+/// Arguments of `pecgate inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// One JSON object per line per file instead of readable blocks.
+    #[arg(long)]
+    pub json: bool,
+    /// Message files or directories (their `.eml` files, recursively, in name order).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+/// How a batch of files went, for grep-like exit statuses.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Some file had a problem (exit 1).
+    pub problem: bool,
+    /// Some file could not be read or is not a mail message (exit 2; wins).
+    pub unreadable: bool,
+}
+
+impl Tally {
+    /// The exit status: 2 if some file was unreadable, else 1 if some file
+    /// had a problem, else 0.
+    pub fn exit_code(self) -> ExitCode {
+        if self.unreadable {
+            ExitCode::from(2)
+        } else if self.problem {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Runs `pecgate inspect`.
+///
+/// # Errors
+/// Only on a failure to write the output (a closed pipe is not an error).
+pub fn run_inspect(args: &InspectArgs) -> io::Result<ExitCode> {
+    run_over_messages(&args.files, args.json, |path, ins, json| {
+        let line = if json {
+            json_line(path, ins, None)
+        } else {
+            render_human(path, ins)
+        };
+        (line, !ins.problems.is_empty())
+    })
+}
+
+/// Runs `pecgate verify`.
+///
+/// # Errors
+/// Trust anchors that cannot be loaded (reported as a configuration
+/// error), or a failure to write the output.
+pub fn run_verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let anchors = if args.trust.is_empty() {
+        TrustAnchors::builtin()?
+    } else {
+        TrustAnchors::from_dirs(&args.trust)?
+    };
+    let verifier = Verifier::new(anchors);
+    let now = jiff::Timestamp::now();
+    Ok(run_over_messages(
+        &args.files,
+        args.json,
+        |path, ins, json| {
+            let verdict = verifier.verify(ins, now);
+            let bad = !ins.problems.is_empty() || !verdict.is_valid();
+            let line = if json {
+                json_line(path, ins, Some(&verdict))
+            } else {
+                let mut block = render_human(path, ins);
+                block.push_str(&render_verdict(&verdict));
+                block
+            };
+            (line, bad)
+        },
+    )?)
+}
+
+/// Streams the files, one at a time, through `per_file` (which returns the
+/// text to print and whether the file counts as a problem).
+fn run_over_messages(
+    files: &[PathBuf],
+    json: bool,
+    mut per_file: impl FnMut(&Path, &Inspection<'_>, bool) -> (String, bool),
+) -> io::Result<ExitCode> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut tally = Tally::default();
+    for_each_file(files, |path, bytes| {
+        let line = match bytes {
+            Err(e) => {
+                tally.unreadable = true;
+                render_error(path, &e, json)
+            }
+            Ok(raw) => match inspect(&raw) {
+                Err(e) => {
+                    tally.unreadable = true;
+                    render_error(path, &e.to_string(), json)
+                }
+                Ok(ins) => {
+                    let (line, bad) = per_file(path, &ins, json);
+                    tally.problem |= bad;
+                    line
+                }
+            },
+        };
+        writeln!(out, "{line}")
+    })?;
+    out.flush()?;
+    Ok(tally.exit_code())
+}
+
+/// The signature lines of `verify`'s readable output.
+pub fn render_verdict(v: &Verdict) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let status = match v.status {
+        Status::Valid => "VALID",
+        Status::Invalid => "INVALID",
+        Status::Unsigned => "UNSIGNED",
+    };
+    let _ = writeln!(s, "  signature:       {status}");
+    if let Some(r) = &v.reason {
+        let _ = writeln!(s, "    reason:          {r}");
+    }
+    if let Some(x) = &v.signer_cn {
+        let _ = writeln!(s, "    signer:          {x}");
+    }
+    if let Some(x) = &v.signer_email {
+        let _ = writeln!(s, "    signer e-mail:   {x}");
+    }
+    if let Some(x) = &v.issuer_cn {
+        let _ = writeln!(s, "    issuer:          {x}");
+    }
+    if let Some(x) = &v.serial {
+        let _ = writeln!(s, "    serial:          {x}");
+    }
+    if let (Some(a), Some(b)) = (v.not_before, v.not_after) {
+        let _ = writeln!(s, "    valid:           {} .. {}", rfc3339(a), rfc3339(b));
+    }
+    if let (Some(t), Some(src)) = (v.signed_at, v.signed_at_source) {
+        let src = match src {
+            TimeSource::SigningTime => "CMS signingTime",
+            TimeSource::Daticert => "daticert date",
+            TimeSource::Date => "Date header",
+        };
+        let _ = writeln!(s, "    signed at:       {} (from the {src})", rfc3339(t));
+    }
+    if let Some(e) = v.expired_now {
+        let _ = writeln!(
+            s,
+            "    expired now:     {}",
+            if e {
+                "yes (valid for messages signed before)"
+            } else {
+                "no"
+            }
+        );
+    }
+    let _ = writeln!(s, "    revocation:      not checked (no CRL/OCSP yet)");
+    s
+}
+
+/// One line of `inspect --json` / `verify --json`: the file first, then
+/// the summary, then (verify only) the signature.
+#[derive(Debug, serde::Serialize)]
+struct JsonLine<'a> {
+    file: String,
+    #[serde(flatten)]
+    summary: crate::pec::inspect::Summary<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<&'a Verdict>,
+}
+
+fn json_line(path: &Path, ins: &Inspection<'_>, verdict: Option<&Verdict>) -> String {
+    let line = JsonLine {
+        file: path.display().to_string(),
+        summary: ins.summary(),
+        signature: verdict,
+    };
+    // Serialising plain data into a String cannot fail.
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+/// The JSON object of `inspect --json` for one file.
+pub fn inspection_json(path: &Path, ins: &Inspection<'_>) -> serde_json::Value {
+    serde_json::from_str(&json_line(path, ins, None)).unwrap_or_default()
+}
+
+/// The output for a file that could not be read.
+pub fn render_error(path: &Path, error: &str, json: bool) -> String {
+    if json {
+        #[derive(serde::Serialize)]
+        struct ErrorLine<'a> {
+            file: String,
+            error: &'a str,
+        }
+        let line = ErrorLine {
+            file: path.display().to_string(),
+            error,
+        };
+        serde_json::to_string(&line).unwrap_or_default()
+    } else {
+        format!("{}\n  error: {error}\n", path.display())
+    }
+}
+
+/// The readable block of `inspect` for one file.
+pub fn render_human(path: &Path, ins: &Inspection<'_>) -> String {
+    use std::fmt::Write as _;
+    let m = &ins.message;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", path.display());
+    let _ = writeln!(s, "  kind:            {}", ins.kind());
+    if let Some(v) = &m.classification.x_ricevuta {
+        let _ = writeln!(s, "  X-Ricevuta:      {v}");
+    }
+    if let Some(v) = &m.classification.x_trasporto {
+        let _ = writeln!(s, "  X-Trasporto:     {v}");
+    }
+    if let Some(v) = &m.classification.refers_to {
+        let _ = writeln!(s, "  refers to:       <{v}>");
+    }
+    if let Some(v) = &m.from {
+        let _ = writeln!(s, "  from:            {v}");
+    }
+    if let Some(v) = &m.subject {
+        let _ = writeln!(s, "  subject:         {v}");
+    }
+    let _ = writeln!(s, "  signature form:  {}", m.signature.form());
+    match &ins.daticert {
+        Some(d) => {
+            let _ = writeln!(s, "  daticert:        tipo={} errore={}", d.tipo, d.errore);
+            let _ = writeln!(
+                s,
+                "    data:            {}",
+                d.data.strftime("%Y-%m-%dT%H:%M:%SZ")
+            );
+            let _ = writeln!(s, "    identificativo:  {}", d.identificativo);
+            if let Some(x) = &d.msgid {
+                let _ = writeln!(s, "    msgid:           <{x}>");
+            }
+            if let Some(x) = &d.gestore_emittente {
+                let _ = writeln!(s, "    gestore:         {x}");
+            }
+            if let Some(x) = &d.mittente {
+                let _ = writeln!(s, "    mittente:        {x}");
+            }
+            for r in &d.destinatari {
+                let _ = writeln!(s, "    destinatario:    {} ({})", r.address, r.tipo);
+            }
+            if let Some(x) = &d.oggetto {
+                let _ = writeln!(s, "    oggetto:         {x}");
+            }
+            if let Some(x) = &d.ricevuta {
+                let _ = writeln!(s, "    ricevuta:        {x}");
+            }
+            if let Some(x) = &d.consegna {
+                let _ = writeln!(s, "    consegna:        {x}");
+            }
+            for x in &d.ricezione {
+                let _ = writeln!(s, "    ricezione:       {x}");
+            }
+            if let Some(x) = &d.errore_esteso {
+                let _ = writeln!(s, "    errore esteso:   {x}");
+            }
+        }
+        None => {
+            let _ = writeln!(s, "  daticert:        none");
+        }
+    }
+    if let Some(p) = &m.postacert {
+        let _ = writeln!(s, "  postacert.eml:   {} bytes", p.len());
+    }
+    for o in &m.others {
+        let _ = writeln!(
+            s,
+            "  other part:      {} {} ({} bytes)",
+            o.content_type,
+            o.name.as_deref().unwrap_or("-"),
+            o.size
+        );
+    }
+    if ins.problems.is_empty() {
+        let _ = writeln!(s, "  problems:        none");
+    } else {
+        for p in &ins.problems {
+            let _ = writeln!(s, "  problem:         {p}");
+        }
+    }
+    s
+}
+
+/// Calls `f` with each file named on the command line (directories are
+/// walked recursively in name order, taking their `.eml` files), one at a time, so memory stays
+/// bounded by the largest file. Read errors are passed to `f` as text.
+///
+/// # Errors
+/// The first error returned by `f`.
+pub fn for_each_file(
+    paths: &[PathBuf],
+    mut f: impl FnMut(&Path, Result<Vec<u8>, String>) -> io::Result<()>,
+) -> io::Result<()> {
+    for path in paths {
+        if path.is_dir() {
+            let mut stack = vec![path.clone()];
+            while let Some(dir) = stack.pop() {
+                let mut entries = match std::fs::read_dir(&dir) {
+                    Ok(rd) => rd
+                        .filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .collect::<Vec<_>>(),
+                    Err(e) => {
+                        f(&dir, Err(format!("cannot read directory: {e}")))?;
+                        continue;
+                    }
+                };
+                entries.sort();
+                // Files of this directory first, in order; then subdirectories.
+                let (dirs, files): (Vec<_>, Vec<_>) = entries.into_iter().partition(|p| p.is_dir());
+                for file in files.into_iter().filter(|p| is_eml(p)) {
+                    f(&file, read_message_file(&file))?;
+                }
+                stack.extend(dirs.into_iter().rev());
+            }
+        } else {
+            f(path, read_message_file(path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a file found while walking a directory is a saved message.
+fn is_eml(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("eml"))
+}
+
+/// Reads a whole message file, refusing files larger than
+/// [`MAX_MESSAGE_BYTES`].
+pub fn read_message_file(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    if meta.len() > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "too large: {} bytes (at most {MAX_MESSAGE_BYTES})",
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}

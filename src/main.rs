@@ -1,0 +1,45 @@
+//! The `pecgate` binary: parse the command line, set up logging, run the
+//! command, map the outcome to an exit status (sysexits for configuration).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pecgate::cli::{Cli, Command, run_inspect, run_verify};
+use pecgate::config::LogFormat;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = cli.log_format.unwrap_or(LogFormat::Auto);
+    let level = cli.log_level.as_deref().unwrap_or("warn");
+    if let Err(e) = pecgate::telemetry::init(format, level) {
+        eprintln!("pecgate: cannot set up logging: {e:#}");
+        return ExitCode::from(78);
+    }
+    let result = match &cli.command {
+        Command::Inspect(args) => run_inspect(args).map_err(anyhow::Error::from),
+        Command::Verify(args) => run_verify(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => exit_for_error(&e),
+    }
+}
+
+/// Maps a failure to an exit status: a closed pipe (`pecgate inspect ... |
+/// head`) is success, configuration problems are EX_CONFIG (78), anything
+/// else is 2 (like grep's "trouble").
+fn exit_for_error(e: &anyhow::Error) -> ExitCode {
+    if let Some(io) = e.downcast_ref::<std::io::Error>()
+        && io.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("pecgate: {e:#}");
+    let config = e.downcast_ref::<pecgate::config::ConfigError>().is_some()
+        || e.downcast_ref::<pecgate::verify::TrustError>().is_some();
+    if config {
+        ExitCode::from(78)
+    } else {
+        ExitCode::from(2)
+    }
+}
