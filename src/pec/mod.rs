@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod classify;
+pub mod compose;
 pub mod daticert;
 pub mod envelope;
 pub mod ids;
