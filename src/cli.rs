@@ -40,6 +40,24 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check the providers' S/MIME signatures of saved messages against the PEC trust anchors.
     Verify(VerifyArgs),
+    /// Run a local PEC world (two simulated providers on a real Dovecot) for tests and demos.
+    Sandbox(SandboxArgs),
+}
+
+/// Arguments of `pecgate sandbox`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Directory for everything (created if missing; certificates and
+    /// passwords are reused when it exists).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Simulated seconds per real second for the providers' timers
+    /// (3600: an hour per second).
+    #[arg(long, value_name = "N", default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Faults to inject (TOML, see docs/sandbox.md); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub faults: Option<PathBuf>,
 }
 
 /// Arguments of `pecgate verify`.
@@ -412,4 +430,28 @@ pub fn read_message_file(path: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+/// Runs `pecgate sandbox` until SIGINT/SIGTERM.
+///
+/// # Errors
+/// Start-up failures (Dovecot missing, ports, files).
+pub fn run_sandbox(args: &SandboxArgs) -> anyhow::Result<ExitCode> {
+    if !(args.time_scale.is_finite() && args.time_scale >= 1.0) {
+        anyhow::bail!(
+            "--time-scale must be a number >= 1 (got {})",
+            args.time_scale
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::sandbox::run_command(
+        crate::sandbox::SandboxOptions {
+            dir: args.dir.clone(),
+            time_scale: args.time_scale,
+            faults: args.faults.clone(),
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -3,5 +3,7 @@ pub mod cli;
 pub mod config;
 pub mod pec;
 pub mod pki;
+pub mod sandbox;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;

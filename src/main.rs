@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pecgate::cli::{Cli, Command, run_inspect, run_verify};
+use pecgate::cli::{Cli, Command, run_inspect, run_sandbox, run_verify};
 use pecgate::config::LogFormat;
 
 fn main() -> ExitCode {
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Inspect(args) => run_inspect(args).map_err(anyhow::Error::from),
         Command::Verify(args) => run_verify(args),
+        Command::Sandbox(args) => run_sandbox(args),
     };
     match result {
         Ok(code) => code,
