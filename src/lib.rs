@@ -4,6 +4,7 @@ pub mod config;
 pub mod pec;
 pub mod pki;
 pub mod sandbox;
+pub mod smtp;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;

@@ -1,0 +1,515 @@
+//! The SMTP edge: composing a letter (lettre's builder) and submitting it to
+//! the provider, step by step, so that the outcome says exactly how far the
+//! transaction got.
+//!
+//! Why step by step: a letter must never be sent twice. lettre's `send`
+//! hides whether a failure came before or after the message was handed
+//! over; here MAIL, RCPT and DATA are separate commands and the message
+//! transfer is the last step, so a failure before it is safe to retry
+//! ([`SubmitOutcome::NotSent`]), a failure after the message was written
+//! without a reply is [`SubmitOutcome::Uncertain`] (never resent blindly).
+
+use std::time::{Duration, SystemTime};
+
+use lettre::address::Address;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Mailbox, Message, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::ClientId;
+
+use crate::config::{ServerConfig, TlsMode};
+use crate::pec::wire;
+
+/// One document attached to a letter.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The file name shown to the recipient (already validated).
+    pub name: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Everything needed to compose one attempt of a letter.
+#[derive(Debug, Clone)]
+pub struct Draft<'a> {
+    /// The mailbox's PEC address (From and MAIL FROM).
+    pub from: &'a str,
+    /// To recipients.
+    pub to: &'a [String],
+    /// Cc recipients.
+    pub cc: &'a [String],
+    /// The subject.
+    pub subject: &'a str,
+    /// The text of the letter.
+    pub body: &'a str,
+    /// The documents.
+    pub documents: &'a [Document],
+    /// The receipt flavour requested (`completa`, `breve`, `sintetica`).
+    pub receipt: &'a str,
+    /// The Message-ID, without brackets (`dispatch-id.attempt.random@host`).
+    pub message_id: &'a str,
+    /// The identificativo (and original msgid) of the message this answers.
+    pub in_reply_to: &'a [String],
+    /// The Date header.
+    pub date: SystemTime,
+}
+
+/// A letter that cannot be composed (bad address, header).
+#[derive(Debug, thiserror::Error)]
+#[error("composing the letter: {0}")]
+pub struct ComposeError(String);
+
+fn addr(a: &str) -> Result<Address, ComposeError> {
+    a.parse::<Address>()
+        .map_err(|e| ComposeError(format!("address \"{a}\": {e}")))
+}
+
+/// Composes the exact bytes of a letter (CRLF line ends): From the PEC
+/// mailbox, To and Cc (never Bcc), the Message-ID, `X-TipoRicevuta`,
+/// In-Reply-To/References, RFC 2047 subject, RFC 2231 file names, MIME types
+/// from the file extension.
+///
+/// # Errors
+/// An address or header lettre refuses.
+pub fn compose(d: &Draft<'_>) -> Result<Vec<u8>, ComposeError> {
+    let mut b = Message::builder()
+        .from(Mailbox::new(None, addr(d.from)?))
+        .subject(d.subject)
+        .date(d.date)
+        .message_id(Some(format!("<{}>", d.message_id)))
+        .raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str(wire::H_TIPO_RICEVUTA),
+            d.receipt.to_owned(),
+        ));
+    for t in d.to {
+        b = b.to(Mailbox::new(None, addr(t)?));
+    }
+    for c in d.cc {
+        b = b.cc(Mailbox::new(None, addr(c)?));
+    }
+    if !d.in_reply_to.is_empty() {
+        let ids: Vec<String> = d.in_reply_to.iter().map(|i| format!("<{i}>")).collect();
+        b = b.in_reply_to(ids.join(" ")).references(ids.join(" "));
+    }
+    let text = SinglePart::builder()
+        .header(ContentType::TEXT_PLAIN)
+        .body(d.body.to_owned());
+    let message = if d.documents.is_empty() {
+        b.singlepart(text)
+    } else {
+        let mut mp = MultiPart::mixed().singlepart(text);
+        for doc in d.documents {
+            let ct = ContentType::parse(mime_type(&doc.name))
+                .unwrap_or(ContentType::parse("application/octet-stream").map_err(|e| ComposeError(e.to_string()))?);
+            mp = mp.singlepart(Attachment::new(doc.name.clone()).body(doc.bytes.clone(), ct));
+        }
+        b.multipart(mp)
+    }
+    .map_err(|e| ComposeError(e.to_string()))?;
+    Ok(message.formatted())
+}
+
+/// The MIME type of a document from its extension (the common office and
+/// public-administration formats; anything else is application/octet-stream).
+pub fn mime_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "pdf" => "application/pdf",
+        "p7m" => "application/pkcs7-mime",
+        "p7s" => "application/pkcs7-signature",
+        "xml" => "application/xml",
+        "txt" => "text/plain; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "tif" | "tiff" => "image/tiff",
+        "odt" => "application/vnd.oasis.opendocument.text",
+        "ods" => "application/vnd.oasis.opendocument.spreadsheet",
+        "doc" => "application/msword",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "xls" => "application/vnd.ms-excel",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "zip" => "application/zip",
+        "eml" => "message/rfc822",
+        _ => "application/octet-stream",
+    }
+}
+
+/// How a submission ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// 250 after the message: the provider took it.
+    Accepted {
+        /// The server's reply.
+        reply: String,
+    },
+    /// The message was not handed over (connection, TLS, a 4xx before or
+    /// after DATA): safe to retry later.
+    NotSent {
+        /// What happened.
+        reason: String,
+    },
+    /// A 5xx reply: the provider refuses this letter.
+    Refused {
+        /// The server's reply.
+        reply: String,
+    },
+    /// Authentication refused: the mailbox must be suspended (no retries
+    /// that would lock the account).
+    AuthRefused {
+        /// The server's reply.
+        reply: String,
+    },
+    /// The message was written but no reply came (the connection broke or
+    /// timed out after DATA): it may have been accepted.
+    Uncertain {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Credentials and TLS setup for one SMTP server.
+pub struct Submitter {
+    host: String,
+    port: u16,
+    tls: TlsMode,
+    params: Option<TlsParameters>,
+    credentials: Credentials,
+    timeout: Duration,
+    hello: ClientId,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the credentials.
+        f.debug_struct("Submitter")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A submitter that cannot be set up (bad CA file).
+#[derive(Debug, thiserror::Error)]
+#[error("smtp {host}:{port}: {message}")]
+pub struct SetupError {
+    host: String,
+    port: u16,
+    message: String,
+}
+
+impl Submitter {
+    /// A submitter for this server; `hello` is the EHLO name.
+    ///
+    /// # Errors
+    /// An unreadable CA file or TLS parameters lettre refuses.
+    pub fn new(server: &ServerConfig, hello: &str) -> Result<Submitter, SetupError> {
+        let err = |m: String| SetupError {
+            host: server.host.clone(),
+            port: server.port,
+            message: m,
+        };
+        let params = match server.tls {
+            TlsMode::InsecurePlaintext => None,
+            TlsMode::Implicit | TlsMode::StartTls => {
+                let mut b = TlsParameters::builder(server.host.clone());
+                if let Some(ca) = &server.ca_file {
+                    let pem = std::fs::read(ca)
+                        .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
+                    for cert in openssl::x509::X509::stack_from_pem(&pem).unwrap_or_default() {
+                        let pem = cert.to_pem().map_err(|e| err(e.to_string()))?;
+                        b = b.add_root_certificate(
+                            Certificate::from_pem(&pem).map_err(|e| err(e.to_string()))?,
+                        );
+                    }
+                }
+                Some(b.build().map_err(|e| err(e.to_string()))?)
+            }
+        };
+        Ok(Submitter {
+            host: server.host.clone(),
+            port: server.port,
+            tls: server.tls,
+            params,
+            credentials: Credentials::new(
+                server.username.clone(),
+                server.password.expose().to_owned(),
+            ),
+            timeout: server.timeout,
+            hello: ClientId::Domain(hello.to_owned()),
+        })
+    }
+
+    /// Submits `message` from `from` to `rcpts`.
+    pub async fn submit(&self, from: &str, rcpts: &[String], message: &[u8]) -> SubmitOutcome {
+        let mut conn = match self.connect().await {
+            Ok(c) => c,
+            Err(outcome) => return outcome,
+        };
+        let outcome = self.transaction(&mut conn, from, rcpts, message).await;
+        if matches!(outcome, SubmitOutcome::Accepted { .. } | SubmitOutcome::Refused { .. }) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+        } else {
+            conn.abort().await;
+        }
+        outcome
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SubmitOutcome> {
+        let not_sent = |e: lettre::transport::smtp::Error| SubmitOutcome::NotSent {
+            reason: format!("{}:{}: {e}", self.host, self.port),
+        };
+        let implicit = match self.tls {
+            TlsMode::Implicit => self.params.clone(),
+            _ => None,
+        };
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            (self.host.as_str(), self.port),
+            Some(self.timeout),
+            &self.hello,
+            implicit,
+            None,
+        )
+        .await
+        .map_err(not_sent)?;
+        if self.tls == TlsMode::StartTls {
+            let Some(params) = self.params.clone() else {
+                return Err(SubmitOutcome::NotSent {
+                    reason: "starttls without TLS parameters".to_owned(),
+                });
+            };
+            if !conn.can_starttls() {
+                return Err(SubmitOutcome::NotSent {
+                    reason: format!(
+                        "{}:{}: the server does not offer STARTTLS (tls = \"starttls\" requires it)",
+                        self.host, self.port
+                    ),
+                });
+            }
+            conn.starttls(params, &self.hello).await.map_err(not_sent)?;
+        }
+        match conn
+            .auth(&[Mechanism::Plain, Mechanism::Login], &self.credentials)
+            .await
+        {
+            Ok(_) => Ok(conn),
+            Err(e) if e.is_permanent() => Err(SubmitOutcome::AuthRefused {
+                reply: e.to_string(),
+            }),
+            Err(e) => Err(not_sent(e)),
+        }
+    }
+
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        from: &str,
+        rcpts: &[String],
+        message: &[u8],
+    ) -> SubmitOutcome {
+        let before = |e: lettre::transport::smtp::Error| {
+            if e.is_permanent() {
+                SubmitOutcome::Refused {
+                    reply: e.to_string(),
+                }
+            } else {
+                SubmitOutcome::NotSent {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let from = match from.parse::<Address>() {
+            Ok(a) => a,
+            Err(e) => {
+                return SubmitOutcome::Refused {
+                    reply: format!("bad sender address: {e}"),
+                };
+            }
+        };
+        let mut params = Vec::new();
+        if !message.is_ascii() {
+            params.push(lettre::transport::smtp::extension::MailParameter::Body(
+                lettre::transport::smtp::extension::MailBodyParameter::EightBitMime,
+            ));
+        }
+        if let Err(e) = conn.command(Mail::new(Some(from), params)).await {
+            return before(e);
+        }
+        for r in rcpts {
+            let to = match r.parse::<Address>() {
+                Ok(a) => a,
+                Err(e) => {
+                    return SubmitOutcome::Refused {
+                        reply: format!("bad recipient address {r}: {e}"),
+                    };
+                }
+            };
+            if let Err(e) = conn.command(Rcpt::new(to, vec![])).await {
+                return before(e);
+            }
+        }
+        if let Err(e) = conn.command(Data).await {
+            return before(e);
+        }
+        // From here on the message is on the wire.
+        match conn.message(message).await {
+            Ok(r) => SubmitOutcome::Accepted {
+                reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
+            },
+            Err(e) if e.is_permanent() => SubmitOutcome::Refused {
+                reply: e.to_string(),
+            },
+            Err(e) if e.is_transient() => SubmitOutcome::NotSent {
+                reason: e.to_string(),
+            },
+            Err(e) => SubmitOutcome::Uncertain {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Pacing of one mailbox: at most `per_minute` submissions in any minute
+/// and `per_day` in any 24 hours (providers throttle, and some forbid
+/// bursts). Pure: the caller passes the time.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    per_minute: u32,
+    per_day: u32,
+    recent: std::collections::VecDeque<jiff::Timestamp>,
+}
+
+impl Pacer {
+    /// A pacer with these limits (0 = no limit).
+    pub fn new(per_minute: u32, per_day: u32) -> Pacer {
+        Pacer {
+            per_minute,
+            per_day,
+            recent: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// How long to wait before the next submission may start (zero: now).
+    pub fn wait(&mut self, now: jiff::Timestamp) -> Duration {
+        let day = jiff::SignedDuration::from_hours(24);
+        let minute = jiff::SignedDuration::from_secs(60);
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) >= day) {
+            self.recent.pop_front();
+        }
+        let mut wait = jiff::SignedDuration::ZERO;
+        if self.per_day > 0 && self.recent.len() >= self.per_day as usize {
+            let oldest = self.recent[self.recent.len() - self.per_day as usize];
+            wait = wait.max(day - now.duration_since(oldest));
+        }
+        if self.per_minute > 0 {
+            let in_minute: Vec<_> = self
+                .recent
+                .iter()
+                .filter(|t| now.duration_since(**t) < minute)
+                .collect();
+            if in_minute.len() >= self.per_minute as usize {
+                let oldest = in_minute[in_minute.len() - self.per_minute as usize];
+                wait = wait.max(minute - now.duration_since(*oldest));
+            }
+        }
+        wait.unsigned_abs()
+    }
+
+    /// Records a submission started at `now`.
+    pub fn record(&mut self, now: jiff::Timestamp) {
+        self.recent.push_back(now);
+    }
+}
+
+/// The delay before retry `n` (1-based) after a transient failure:
+/// exponential from `base`, capped at `max`, with ±20 % jitter taken from
+/// `jitter` in [0, 1).
+pub fn backoff(n: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << n.saturating_sub(1).min(20));
+    let capped = exp.min(max);
+    let factor = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
+    capped.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+
+    #[test]
+    fn pacer_spaces_submissions() {
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let mut p = Pacer::new(2, 3);
+        assert_eq!(p.wait(t0), Duration::ZERO);
+        p.record(t0);
+        p.record(t0);
+        assert_eq!(p.wait(t0), Duration::from_secs(60));
+        let later = t0 + jiff::SignedDuration::from_secs(61);
+        assert_eq!(p.wait(later), Duration::ZERO);
+        p.record(later);
+        // The daily limit of 3 is reached: wait until 24 h after the first.
+        let w = p.wait(later);
+        assert_eq!(w, Duration::from_secs(24 * 3600 - 61));
+        let unlimited = &mut Pacer::new(0, 0);
+        unlimited.record(t0);
+        assert_eq!(unlimited.wait(t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Duration::from_secs(10);
+        let m = Duration::from_secs(600);
+        assert_eq!(backoff(1, b, m, 0.5), Duration::from_secs(10));
+        assert_eq!(backoff(2, b, m, 0.5), Duration::from_secs(20));
+        assert_eq!(backoff(10, b, m, 0.5), Duration::from_secs(600));
+        assert!(backoff(3, b, m, 0.0) < backoff(3, b, m, 0.99));
+    }
+
+    #[test]
+    fn composes_a_letter() {
+        let to = vec!["mario.rossi@pec.example.it".to_owned()];
+        let cc = vec!["ufficio@example.com".to_owned()];
+        let docs = vec![Document {
+            name: "certificato di residenza è.pdf".to_owned(),
+            bytes: b"%PDF-1.4 test".to_vec(),
+        }];
+        let d = Draft {
+            from: "protocollo@pec.comune.example.it",
+            to: &to,
+            cc: &cc,
+            subject: "Certificato di residenza – prot. 2026/0001",
+            body: "Gentile cittadino,\nin allegato il certificato.",
+            documents: &docs,
+            receipt: "breve",
+            message_id: "01JABCDEF.1.x1y2@gateway.example.it",
+            in_reply_to: &["opec.1@pec.example.it".to_owned()],
+            date: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        };
+        let bytes = compose(&d).unwrap();
+        let parsed = crate::pec::classify::parser().parse(&bytes).unwrap();
+        assert_eq!(
+            parsed.message_id(),
+            Some("01JABCDEF.1.x1y2@gateway.example.it")
+        );
+        assert_eq!(parsed.subject(), Some("Certificato di residenza – prot. 2026/0001"));
+        assert!(parsed.bcc().is_none());
+        assert_eq!(
+            crate::pec::classify::top_header_text(&parsed, "X-TipoRicevuta").as_deref(),
+            Some("breve")
+        );
+        let att = parsed.attachments().next().unwrap();
+        use mail_parser::MimeHeaders;
+        assert_eq!(att.attachment_name(), Some("certificato di residenza è.pdf"));
+        assert_eq!(att.contents(), b"%PDF-1.4 test");
+        assert!(
+            String::from_utf8_lossy(&bytes).contains("In-Reply-To: <opec.1@pec.example.it>")
+        );
+        assert!(!bytes.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'));
+    }
+}
