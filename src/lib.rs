@@ -5,6 +5,7 @@ pub mod pec;
 pub mod pki;
 pub mod sandbox;
 pub mod smtp;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;

@@ -14,6 +14,8 @@ pub mod envelope;
 pub mod ids;
 pub mod inspect;
 pub mod kind;
+pub mod policy;
+pub mod state;
 pub mod wire;
 
 pub use classify::classify;
