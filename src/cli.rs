@@ -42,6 +42,25 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Run a local PEC world (two simulated providers on a real Dovecot) for tests and demos.
     Sandbox(SandboxArgs),
+    /// Run the gateway: every mailbox's outbox and sending tasks, until SIGTERM/SIGINT.
+    Run,
+    /// List letters (dispatches) and their recipients.
+    List(ListArgs),
+}
+
+/// Arguments of `pecgate list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only letters in this state (queued, sending, submitted, uncertain,
+    /// accepted, not-accepted, refused, delivered, partially-delivered, failed).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// Only letters of this mailbox (its short name in the configuration).
+    #[arg(long, value_name = "NAME")]
+    pub mailbox: Option<String>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `pecgate sandbox`.
@@ -454,4 +473,77 @@ pub fn run_sandbox(args: &SandboxArgs) -> anyhow::Result<ExitCode> {
         },
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `pecgate list`.
+///
+/// # Errors
+/// Configuration or store failures.
+pub fn run_list(config: Option<&Path>, args: &ListArgs) -> anyhow::Result<ExitCode> {
+    use std::ops::ControlFlow;
+    let (config, _) = crate::config::Config::load(config)?;
+    let db = crate::store::Db::open(&config.store.database)?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut failure: Option<io::Error> = None;
+    if !args.json {
+        writeln!(
+            out,
+            "{:<26}  {:<12}  {:<20}  {:<12}  {:<16}  subject",
+            "dispatch_id", "mailbox", "state", "kind", "protocol"
+        )?;
+    }
+    db.list(args.state.as_deref(), args.mailbox.as_deref(), |d| {
+        let line = if args.json {
+            list_json(&d).to_string()
+        } else {
+            format!(
+                "{:<26}  {:<12}  {:<20}  {:<12}  {:<16}  {}",
+                d.dispatch.id,
+                d.dispatch.mailbox,
+                d.dispatch.state,
+                d.dispatch.kind,
+                d.dispatch.protocol.as_deref().unwrap_or("-"),
+                d.dispatch.subject
+            )
+        };
+        match writeln!(out, "{line}") {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON object of `pecgate list --json` for one letter.
+pub fn list_json(d: &crate::store::DispatchDetail) -> serde_json::Value {
+    let r = &d.dispatch;
+    let ts = |t: jiff::Timestamp| crate::sent::ts(t);
+    serde_json::json!({
+        "dispatch_id": r.id,
+        "mailbox": r.mailbox,
+        "state": r.state,
+        "kind": r.kind,
+        "protocol": r.protocol,
+        "reference": r.reference,
+        "subject": r.subject,
+        "message_id": d.attempts.last().map(|a| a.message_id.clone()),
+        "identificativo": r.identificativo,
+        "created_at": ts(r.created_at),
+        "updated_at": ts(r.updated_at),
+        "sent_dir": r.sent_dir,
+        "recipients": d.recipients.iter().map(|x| serde_json::json!({
+            "address": x.address,
+            "field": match x.field { crate::store::Field::To => "to", crate::store::Field::Cc => "cc" },
+            "certified": x.certified,
+            "state": x.state,
+        })).collect::<Vec<_>>(),
+    })
 }

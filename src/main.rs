@@ -4,21 +4,31 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pecgate::cli::{Cli, Command, run_inspect, run_sandbox, run_verify};
+use pecgate::cli::{Cli, Command, run_inspect, run_list, run_sandbox, run_verify};
 use pecgate::config::LogFormat;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = cli.log_format.unwrap_or(LogFormat::Auto);
-    let level = cli.log_level.as_deref().unwrap_or("warn");
-    if let Err(e) = pecgate::telemetry::init(format, level) {
-        eprintln!("pecgate: cannot set up logging: {e:#}");
-        return ExitCode::from(78);
+    // The daemon sets up logging itself, from its configuration; the other
+    // commands log warnings only, unless asked.
+    if !matches!(cli.command, Command::Run) {
+        let format = cli.log_format.unwrap_or(LogFormat::Auto);
+        let level = cli.log_level.as_deref().unwrap_or("warn");
+        if let Err(e) = pecgate::telemetry::init(format, level) {
+            eprintln!("pecgate: cannot set up logging: {e:#}");
+            return ExitCode::from(78);
+        }
     }
     let result = match &cli.command {
         Command::Inspect(args) => run_inspect(args).map_err(anyhow::Error::from),
         Command::Verify(args) => run_verify(args),
         Command::Sandbox(args) => run_sandbox(args),
+        Command::Run => pecgate::daemon::run(
+            cli.config.as_deref(),
+            cli.log_format,
+            cli.log_level.as_deref(),
+        ),
+        Command::List(args) => run_list(cli.config.as_deref(), args),
     };
     match result {
         Ok(code) => code,

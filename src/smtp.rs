@@ -101,8 +101,10 @@ pub fn compose(d: &Draft<'_>) -> Result<Vec<u8>, ComposeError> {
     } else {
         let mut mp = MultiPart::mixed().singlepart(text);
         for doc in d.documents {
-            let ct = ContentType::parse(mime_type(&doc.name))
-                .unwrap_or(ContentType::parse("application/octet-stream").map_err(|e| ComposeError(e.to_string()))?);
+            let ct = ContentType::parse(mime_type(&doc.name)).unwrap_or(
+                ContentType::parse("application/octet-stream")
+                    .map_err(|e| ComposeError(e.to_string()))?,
+            );
             mp = mp.singlepart(Attachment::new(doc.name.clone()).body(doc.bytes.clone(), ct));
         }
         b.multipart(mp)
@@ -253,7 +255,10 @@ impl Submitter {
             Err(outcome) => return outcome,
         };
         let outcome = self.transaction(&mut conn, from, rcpts, message).await;
-        if matches!(outcome, SubmitOutcome::Accepted { .. } | SubmitOutcome::Refused { .. }) {
+        if matches!(
+            outcome,
+            SubmitOutcome::Accepted { .. } | SubmitOutcome::Refused { .. }
+        ) {
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
         } else {
             conn.abort().await;
@@ -399,7 +404,11 @@ impl Pacer {
     pub fn wait(&mut self, now: jiff::Timestamp) -> Duration {
         let day = jiff::SignedDuration::from_hours(24);
         let minute = jiff::SignedDuration::from_secs(60);
-        while self.recent.front().is_some_and(|t| now.duration_since(*t) >= day) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= day)
+        {
             self.recent.pop_front();
         }
         let mut wait = jiff::SignedDuration::ZERO;
@@ -497,7 +506,10 @@ mod tests {
             parsed.message_id(),
             Some("01JABCDEF.1.x1y2@gateway.example.it")
         );
-        assert_eq!(parsed.subject(), Some("Certificato di residenza – prot. 2026/0001"));
+        assert_eq!(
+            parsed.subject(),
+            Some("Certificato di residenza – prot. 2026/0001")
+        );
         assert!(parsed.bcc().is_none());
         assert_eq!(
             crate::pec::classify::top_header_text(&parsed, "X-TipoRicevuta").as_deref(),
@@ -505,11 +517,12 @@ mod tests {
         );
         let att = parsed.attachments().next().unwrap();
         use mail_parser::MimeHeaders;
-        assert_eq!(att.attachment_name(), Some("certificato di residenza è.pdf"));
-        assert_eq!(att.contents(), b"%PDF-1.4 test");
-        assert!(
-            String::from_utf8_lossy(&bytes).contains("In-Reply-To: <opec.1@pec.example.it>")
+        assert_eq!(
+            att.attachment_name(),
+            Some("certificato di residenza è.pdf")
         );
+        assert_eq!(att.contents(), b"%PDF-1.4 test");
+        assert!(String::from_utf8_lossy(&bytes).contains("In-Reply-To: <opec.1@pec.example.it>"));
         assert!(!bytes.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'));
     }
 }

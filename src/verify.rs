@@ -23,12 +23,16 @@
 //! is a normal result for a PEC gateway.
 //!
 //! Chains are verified once per distinct certificate set and cached, since a
-//! provider signs thousands of receipts with the same certificate.
+//! provider signs thousands of receipts with the same certificate. For the
+//! same reason the certificates carried in a signature are read once per
+//! distinct set (see [`CertSet`]): with OpenSSL 3, reading a certificate
+//! (its public key above all) costs far more than checking an RSA
+//! signature, and is what made verification slow (docs/BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use jiff::Timestamp;
 use openssl::nid::Nid;
@@ -36,7 +40,7 @@ use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
 use openssl::stack::Stack;
 use openssl::x509::store::{X509Store, X509StoreBuilder};
 use openssl::x509::verify::X509VerifyFlags;
-use openssl::x509::{X509, X509PurposeId, X509StoreContext};
+use openssl::x509::{X509, X509PurposeId, X509Ref, X509StoreContext};
 use serde::Serialize;
 
 use crate::pec::envelope::Signature;
@@ -68,6 +72,15 @@ const SIGNING_TIME_OID: &str = "1.2.840.113549.1.9.5";
 /// The largest number of cached chain verdicts; the cache is cleared when it
 /// is full (a real mailbox sees a handful of provider certificates).
 const CHAIN_CACHE_MAX: usize = 1024;
+
+/// The largest number of cached certificate sets ([`CertSet`]); the cache
+/// is cleared when it is full.
+const CERT_SET_CACHE_MAX: usize = 256;
+
+/// The largest certificates field that is cached (a provider's is 3 to 5
+/// KB): with [`CERT_SET_CACHE_MAX`], what hostile messages can make the
+/// cache hold stays around 8 MB of DER. Larger sets are read every time.
+const CERT_SET_MAX_BYTES: usize = 32 * 1024;
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -340,11 +353,121 @@ struct ChainInfo {
     valid_until: Option<Timestamp>,
 }
 
+/// What a verdict says about a signer certificate, and whether it carries
+/// the PEC policy: a function of the certificate alone (cached with its
+/// [`CertSet`]).
+#[derive(Debug, Clone)]
+struct SignerFacts {
+    cn: Option<String>,
+    issuer_cn: Option<String>,
+    serial: Option<String>,
+    email: Option<String>,
+    not_before: Option<Timestamp>,
+    not_after: Option<Timestamp>,
+    policy: Result<bool, String>,
+}
+
+impl SignerFacts {
+    fn of(signer: &X509) -> SignerFacts {
+        SignerFacts {
+            cn: Some(common_name(signer, false)).filter(|s| !s.is_empty()),
+            issuer_cn: Some(common_name(signer, true)).filter(|s| !s.is_empty()),
+            serial: signer
+                .serial_number()
+                .to_bn()
+                .ok()
+                .and_then(|bn| bn.to_hex_str().ok())
+                .map(|h| h.to_string()),
+            email: signer.subject_alt_names().and_then(|names| {
+                names
+                    .iter()
+                    .find_map(|n| n.email().map(|e| e.trim().to_owned()))
+            }),
+            not_before: asn1_to_ts(signer.not_before()),
+            not_after: asn1_to_ts(signer.not_after()),
+            policy: has_policy(signer, PEC_POLICY_OID),
+        }
+    }
+
+    /// Fills in the signer's identity and validity.
+    fn describe(&self, mut v: Verdict, now: Timestamp) -> Verdict {
+        v.signer_cn.clone_from(&self.cn);
+        v.issuer_cn.clone_from(&self.issuer_cn);
+        v.serial.clone_from(&self.serial);
+        v.signer_email.clone_from(&self.email);
+        v.not_before = self.not_before;
+        v.not_after = self.not_after;
+        v.expired_now = v.not_after.map(|na| now > na);
+        v
+    }
+}
+
+/// The certificates field of a signature, read once per distinct set: a
+/// provider puts the same certificates in every receipt it signs.
+struct CertSet {
+    /// openssl's reading of each certificate, in order; `None` when one of
+    /// them cannot be read (such signatures take the uncached path, which
+    /// reports exactly what it always did).
+    certs: Option<Vec<X509>>,
+    /// Whether the RustCrypto `cms` decoder accepts the set: if it does
+    /// not, [`cms_signing_time`] of the whole signature is `None`.
+    cms_ok: bool,
+    /// For each certificate, once it has signed something: its facts and
+    /// its chain (the chain of `[it, every certificate of the set]`).
+    signers: Vec<OnceLock<(SignerFacts, ChainInfo)>>,
+}
+
+impl CertSet {
+    fn read(field: &SignedDataLayout<'_>) -> CertSet {
+        let certs: Option<Vec<X509>> = field
+            .certificates
+            .iter()
+            .map(|der| X509::from_der(der).ok())
+            .collect();
+        let signers = (0..field.certificates.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        CertSet {
+            certs,
+            cms_ok: cms_accepts_certificates(field.certificates_field),
+            signers,
+        }
+    }
+}
+
+/// A signature ready for openssl.
+struct Parsed {
+    p7: Pkcs7,
+    /// The certificates carried in the signature, in order.
+    included: Vec<X509>,
+    /// The certificates openssl looks the signer up in before those of
+    /// `p7`: the cached ones on the fast path (where `p7` has none), none on
+    /// the uncached path.
+    lookup: Stack<X509>,
+    /// On the fast path: the cached set and the signature without its
+    /// certificates.
+    fast: Option<(Arc<CertSet>, Vec<u8>)>,
+}
+
 /// Verifies PEC signatures; cheap to share between threads.
-#[derive(Debug)]
 pub struct Verifier {
     anchors: TrustAnchors,
     chains: Mutex<HashMap<[u8; 32], ChainInfo>>,
+    cert_sets: Mutex<HashMap<[u8; 32], Arc<CertSet>>>,
+    /// An empty store, built once: the content check of `PKCS7_verify`
+    /// (chains are checked apart, with NOVERIFY) never reads it. `None` if
+    /// openssl could not allocate it; then each verification tries again.
+    empty_store: Option<X509Store>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier")
+            .field("anchors", &self.anchors)
+            .field("chains", &self.lock(&self.chains).len())
+            .field("cert_sets", &self.lock(&self.cert_sets).len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Verifier {
@@ -353,6 +476,8 @@ impl Verifier {
         Verifier {
             anchors,
             chains: Mutex::new(HashMap::new()),
+            cert_sets: Mutex::new(HashMap::new()),
+            empty_store: X509StoreBuilder::new().ok().map(X509StoreBuilder::build),
         }
     }
 
@@ -360,32 +485,29 @@ impl Verifier {
     pub fn verify(&self, ins: &Inspection<'_>, now: Timestamp) -> Verdict {
         let msg = &ins.message;
         let verdict = Verdict::unsigned();
-        let (p7, content) = match &msg.signature {
+        let (der, what) = match &msg.signature {
             Signature::Unsigned => return verdict,
             Signature::Broken { reason } => {
                 return verdict.fail(Failure::Malformed, format!("broken signature: {reason}"));
             }
-            Signature::Detached { der, .. } => {
-                let Ok(p7) = Pkcs7::from_der(der) else {
-                    return verdict.fail(Failure::Malformed, "smime.p7s is not a PKCS#7 structure");
-                };
-                (p7, msg.canonical_signed())
-            }
-            Signature::Opaque { der, .. } => {
-                let Ok(p7) = Pkcs7::from_der(der) else {
-                    return verdict.fail(Failure::Malformed, "smime.p7m is not a PKCS#7 structure");
-                };
-                (p7, None)
-            }
+            Signature::Detached { der, .. } => (der, "smime.p7s"),
+            Signature::Opaque { der, .. } => (der, "smime.p7m"),
         };
-        let Some(signed) = p7.signed() else {
+        let Some(parsed) = self.parse_fast(der).or_else(|| parse_uncached(der)) else {
+            return verdict.fail(
+                Failure::Malformed,
+                format!("{what} is not a PKCS#7 structure"),
+            );
+        };
+        let content = match &msg.signature {
+            Signature::Detached { .. } => msg.canonical_signed(),
+            _ => None,
+        };
+        let p7 = &parsed.p7;
+        if p7.signed().is_none() {
             return verdict.fail(Failure::Malformed, "PKCS#7 structure is not signed-data");
-        };
-        let empty: Stack<X509> = match Stack::new() {
-            Ok(s) => s,
-            Err(e) => return verdict.fail(Failure::Malformed, format!("openssl: {e}")),
-        };
-        let signer = match p7.signers(&empty, Pkcs7Flags::empty()) {
+        }
+        let signer = match p7.signers(&parsed.lookup, Pkcs7Flags::empty()) {
             Ok(s) if s.len() == 1 => s.get(0).map(|c| c.to_owned()),
             Ok(s) => {
                 return verdict.fail(
@@ -398,19 +520,46 @@ impl Verifier {
         let Some(signer) = signer else {
             return verdict.fail(Failure::Malformed, "no signer certificate in the signature");
         };
-        let mut verdict = describe_signer(verdict, &signer, now);
+        // The signer's facts and chain: cached with the certificate set on
+        // the fast path (the signer is one of the set's certificates).
+        let cached = parsed.fast.as_ref().and_then(|(set, _)| {
+            let certs = set.certs.as_ref()?;
+            // The same openssl object, not merely an equal certificate.
+            let i = certs
+                .iter()
+                .position(|c| std::ptr::eq::<X509Ref>(&**c, &*signer))?;
+            Some(set.signers[i].get_or_init(|| {
+                let chain = self.check_chain(&signer_and(&signer, certs));
+                (SignerFacts::of(&signer), chain)
+            }))
+        });
+        let uncached;
+        let facts = match cached {
+            Some((facts, _)) => facts,
+            None => {
+                uncached = SignerFacts::of(&signer);
+                &uncached
+            }
+        };
+        let mut verdict = facts.describe(verdict, now);
 
         // 1. The signature over the content (chain checked apart, below).
-        let empty_store = match X509StoreBuilder::new() {
-            Ok(b) => b.build(),
-            Err(e) => return verdict.fail(Failure::Malformed, format!("openssl: {e}")),
+        let built;
+        let empty_store = match &self.empty_store {
+            Some(store) => store,
+            None => match X509StoreBuilder::new() {
+                Ok(b) => {
+                    built = b.build();
+                    &built
+                }
+                Err(e) => return verdict.fail(Failure::Malformed, format!("openssl: {e}")),
+            },
         };
-        let mut out = Vec::new();
         if let Err(e) = p7.verify(
-            &empty,
-            &empty_store,
+            &parsed.lookup,
+            empty_store,
             content.as_deref(),
-            Some(&mut out),
+            None,
             Pkcs7Flags::NOVERIFY | Pkcs7Flags::BINARY,
         ) {
             return verdict.fail(
@@ -423,11 +572,10 @@ impl Verifier {
         }
 
         // 2. The chain, once per certificate set.
-        let mut certs = vec![signer.clone()];
-        if let Some(included) = signed.certificates() {
-            certs.extend(included.iter().map(|c| c.to_owned()));
-        }
-        let chain = self.chain_info(&certs);
+        let chain = match cached {
+            Some((_, chain)) => chain.clone(),
+            None => self.chain_info(&signer_and(&signer, &parsed.included)),
+        };
         if let Some(err) = &chain.error {
             return verdict.fail(
                 Failure::Untrusted,
@@ -436,7 +584,7 @@ impl Verifier {
         }
 
         // 3. PEC policy.
-        match has_policy(&signer, PEC_POLICY_OID) {
+        match &facts.policy {
             Ok(true) => {}
             Ok(false) => {
                 return verdict.fail(
@@ -473,12 +621,12 @@ impl Verifier {
             }
         }
 
-        // 5. Valid at the time of signing.
-        let signing_time = match &msg.signature {
-            Signature::Detached { der, .. } | Signature::Opaque { der, .. } => {
-                cms_signing_time(der)
-            }
-            Signature::Unsigned | Signature::Broken { .. } => None,
+        // 5. Valid at the time of signing. On the fast path the signature
+        // without its certificates is read, and the certificates' verdict
+        // is the cached one: the same answer as reading the whole.
+        let signing_time = match &parsed.fast {
+            Some((set, stripped)) => set.cms_ok.then(|| cms_signing_time(stripped)).flatten(),
+            None => cms_signing_time(der),
         };
         let (signed_at, source) = match (
             signing_time,
@@ -521,6 +669,44 @@ impl Verifier {
         verdict
     }
 
+    /// The fast path: a DER SignedData whose certificates are read once per
+    /// distinct set. `None` sends the signature down the uncached path
+    /// (BER, certificates openssl cannot read, anything unusual).
+    fn parse_fast(&self, der: &[u8]) -> Option<Parsed> {
+        let layout = SignedDataLayout::of(der)?;
+        let set = if layout.certificates_field.len() > CERT_SET_MAX_BYTES {
+            Arc::new(CertSet::read(&layout))
+        } else {
+            let key = openssl::sha::sha256(layout.certificates_field);
+            let hit = self.lock(&self.cert_sets).get(&key).cloned();
+            match hit {
+                Some(set) => set,
+                None => {
+                    let set = Arc::new(CertSet::read(&layout));
+                    let mut sets = self.lock(&self.cert_sets);
+                    if sets.len() >= CERT_SET_CACHE_MAX {
+                        sets.clear();
+                    }
+                    sets.insert(key, Arc::clone(&set));
+                    set
+                }
+            }
+        };
+        let certs = set.certs.as_ref()?;
+        let stripped = layout.without_certificates();
+        let p7 = Pkcs7::from_der(&stripped).ok()?;
+        let mut lookup = Stack::new().ok()?;
+        for c in certs {
+            lookup.push(c.clone()).ok()?;
+        }
+        Some(Parsed {
+            p7,
+            included: certs.clone(),
+            lookup,
+            fast: Some((set, stripped)),
+        })
+    }
+
     fn chain_info(&self, certs: &[X509]) -> ChainInfo {
         let mut hasher = openssl::sha::Sha256::new();
         for c in certs {
@@ -530,11 +716,11 @@ impl Verifier {
             }
         }
         let key = hasher.finish();
-        if let Some(hit) = self.lock_chains().get(&key) {
+        if let Some(hit) = self.lock(&self.chains).get(&key) {
             return hit.clone();
         }
         let info = self.check_chain(certs);
-        let mut cache = self.lock_chains();
+        let mut cache = self.lock(&self.chains);
         if cache.len() >= CHAIN_CACHE_MAX {
             cache.clear();
         }
@@ -542,10 +728,10 @@ impl Verifier {
         info
     }
 
-    fn lock_chains(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], ChainInfo>> {
+    fn lock<'m, T>(&self, m: &'m Mutex<T>) -> std::sync::MutexGuard<'m, T> {
         // A poisoned cache only means a panic elsewhere; its data is still
         // a set of independent, complete entries.
-        self.chains.lock().unwrap_or_else(|p| p.into_inner())
+        m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn check_chain(&self, certs: &[X509]) -> ChainInfo {
@@ -612,25 +798,211 @@ fn min_opt(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
     }
 }
 
-/// Fills in the signer's identity and validity.
-fn describe_signer(mut v: Verdict, signer: &X509, now: Timestamp) -> Verdict {
-    v.signer_cn = Some(common_name(signer, false)).filter(|s| !s.is_empty());
-    v.issuer_cn = Some(common_name(signer, true)).filter(|s| !s.is_empty());
-    v.serial = signer
-        .serial_number()
-        .to_bn()
-        .ok()
-        .and_then(|bn| bn.to_hex_str().ok())
-        .map(|h| h.to_string());
-    v.signer_email = signer.subject_alt_names().and_then(|names| {
-        names
-            .iter()
-            .find_map(|n| n.email().map(|e| e.trim().to_owned()))
-    });
-    v.not_before = asn1_to_ts(signer.not_before());
-    v.not_after = asn1_to_ts(signer.not_after());
-    v.expired_now = v.not_after.map(|na| now > na);
-    v
+/// `[signer, certs...]`: the certificates whose chain is checked.
+fn signer_and(signer: &X509, certs: &[X509]) -> Vec<X509> {
+    let mut all = Vec::with_capacity(certs.len() + 1);
+    all.push(signer.clone());
+    all.extend(certs.iter().cloned());
+    all
+}
+
+/// The uncached path: openssl reads the whole signature, certificates
+/// included.
+fn parse_uncached(der: &[u8]) -> Option<Parsed> {
+    let p7 = Pkcs7::from_der(der).ok()?;
+    let included = p7
+        .signed()
+        .and_then(|s| s.certificates())
+        .map(|c| c.iter().map(|x| x.to_owned()).collect())
+        .unwrap_or_default();
+    Some(Parsed {
+        p7,
+        included,
+        lookup: Stack::new().ok()?,
+        fast: None,
+    })
+}
+
+/// The DER encoding of `signedData` (1.2.840.113549.1.7.2) as an OBJECT
+/// IDENTIFIER, tag and length included.
+const SIGNED_DATA_OID_DER: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
+];
+
+/// Where the certificates sit in a DER `ContentInfo` holding a
+/// `SignedData`, found by walking tags and lengths only:
+///
+/// ```text
+/// SEQUENCE { signedData OID, [0] { SEQUENCE {
+///     version, digestAlgorithms, encapContentInfo,
+///     [0] certificates,                       <- here, and only here
+///     [1] crls OPTIONAL, signerInfos } } }
+/// ```
+///
+/// `of` returns `None` for anything else: BER (indefinite or non-minimal
+/// lengths in the three enclosing headers), trailing bytes, no or
+/// misplaced certificates, high tag numbers. Because the enclosing headers
+/// are minimal DER and every other byte is kept as it is, a parser reads
+/// [`SignedDataLayout::without_certificates`] exactly as it reads the
+/// whole, except for the certificates.
+struct SignedDataLayout<'a> {
+    /// The `ContentInfo` header and the OID.
+    oid: &'a [u8],
+    /// The `SignedData` fields, in order, each with its tag and length.
+    fields: Vec<&'a [u8]>,
+    /// The `[0] certificates` field, tag and length included.
+    certificates_field: &'a [u8],
+    /// Each certificate of the field, tag and length included.
+    certificates: Vec<&'a [u8]>,
+}
+
+impl<'a> SignedDataLayout<'a> {
+    fn of(der: &'a [u8]) -> Option<SignedDataLayout<'a>> {
+        let (outer, rest) = Tlv::read(der)?;
+        if outer.tag != 0x30 || !outer.minimal || !rest.is_empty() {
+            return None;
+        }
+        let body = outer.content;
+        if !body.starts_with(SIGNED_DATA_OID_DER) {
+            return None;
+        }
+        let (explicit, rest) = Tlv::read(&body[SIGNED_DATA_OID_DER.len()..])?;
+        if explicit.tag != 0xa0 || !explicit.minimal || !rest.is_empty() {
+            return None;
+        }
+        let (sd, rest) = Tlv::read(explicit.content)?;
+        if sd.tag != 0x30 || !sd.minimal || !rest.is_empty() {
+            return None;
+        }
+        let mut fields = Vec::new();
+        let mut rest = sd.content;
+        let mut certificates_field = None;
+        while !rest.is_empty() {
+            let (field, after) = Tlv::read(rest)?;
+            let whole = &rest[..rest.len() - after.len()];
+            if field.tag == 0xa0 {
+                // Exactly one, fourth field.
+                if fields.len() != 3 || certificates_field.is_some() {
+                    return None;
+                }
+                certificates_field = Some((whole, field.content));
+            } else {
+                fields.push(whole);
+            }
+            rest = after;
+        }
+        let (certificates_field, mut set) = certificates_field?;
+        let mut certificates = Vec::new();
+        while !set.is_empty() {
+            let (_, after) = Tlv::read(set)?;
+            certificates.push(&set[..set.len() - after.len()]);
+            set = after;
+        }
+        Some(SignedDataLayout {
+            oid: SIGNED_DATA_OID_DER,
+            fields,
+            certificates_field,
+            certificates,
+        })
+    }
+
+    /// The same `ContentInfo` without the certificates field.
+    fn without_certificates(&self) -> Vec<u8> {
+        let sd_len: usize = self.fields.iter().map(|f| f.len()).sum();
+        let explicit_len = header_len(sd_len) + sd_len;
+        let outer_len = self.oid.len() + header_len(explicit_len) + explicit_len;
+        let mut out = Vec::with_capacity(header_len(outer_len) + outer_len);
+        push_header(&mut out, 0x30, outer_len);
+        out.extend_from_slice(self.oid);
+        push_header(&mut out, 0xa0, explicit_len);
+        push_header(&mut out, 0x30, sd_len);
+        for f in &self.fields {
+            out.extend_from_slice(f);
+        }
+        out
+    }
+}
+
+/// One tag-length-value with a low tag number and a definite length.
+struct Tlv<'a> {
+    tag: u8,
+    /// Whether the length is encoded as DER requires (shortest form).
+    minimal: bool,
+    content: &'a [u8],
+}
+
+impl<'a> Tlv<'a> {
+    /// The TLV at the start of `bytes` and what follows it.
+    fn read(bytes: &'a [u8]) -> Option<(Tlv<'a>, &'a [u8])> {
+        let (&tag, rest) = bytes.split_first()?;
+        if tag & 0x1f == 0x1f {
+            return None;
+        }
+        let (&first, rest) = rest.split_first()?;
+        let (len, minimal, rest) = if first < 0x80 {
+            (usize::from(first), true, rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, rest[0] != 0 && len >= 0x80, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        let (content, rest) = rest.split_at(len);
+        Some((
+            Tlv {
+                tag,
+                minimal,
+                content,
+            },
+            rest,
+        ))
+    }
+}
+
+/// The length of a DER header (low tag number) for `len` content bytes.
+fn header_len(len: usize) -> usize {
+    match len {
+        0..0x80 => 2,
+        0x80..0x100 => 3,
+        0x100..0x1_0000 => 4,
+        0x1_0000..0x100_0000 => 5,
+        _ => 6,
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, tag: u8, len: usize) {
+    out.push(tag);
+    let n = header_len(len) - 2;
+    if n == 0 {
+        // `len` < 0x80 here.
+        out.push(len as u8);
+    } else {
+        out.push(0x80 | n as u8);
+        out.extend_from_slice(&len.to_be_bytes()[size_of::<usize>() - n..]);
+    }
+}
+
+/// Whether the RustCrypto `cms` decoder accepts this `[0] certificates`
+/// field, decoding it exactly as it does inside a `SignedData`.
+fn cms_accepts_certificates(field: &[u8]) -> bool {
+    use cms::signed_data::CertificateSet;
+    use der::asn1::ContextSpecific;
+    use der::{Reader, SliceReader, TagNumber};
+
+    let Ok(mut reader) = SliceReader::new(field) else {
+        return false;
+    };
+    matches!(
+        ContextSpecific::<CertificateSet>::decode_implicit(&mut reader, TagNumber::N0),
+        Ok(Some(_))
+    ) && reader.is_finished()
 }
 
 fn common_name(cert: &X509, issuer: bool) -> String {
@@ -708,6 +1080,12 @@ pub fn cms_signing_time(der_bytes: &[u8]) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verifier_is_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Verifier>();
+    }
 
     #[test]
     fn builtin_anchors_load() {

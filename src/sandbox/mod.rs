@@ -240,21 +240,30 @@ impl Sandbox {
         restart(&self.dovecot, &self.deliverer).await
     }
 
+    /// Restarts Dovecot every `restart_every_seconds` of the faults in
+    /// force, re-read at each step so that a reload (SIGHUP) can start,
+    /// change or stop the periodic restarts.
     fn spawn_periodic_restarts(&self) {
-        let every = self.provider.faults().dovecot.restart_every_seconds;
-        if every == 0 {
-            return;
-        }
-        let (dovecot, deliverer, cancel) = (
+        let (provider, dovecot, deliverer, cancel) = (
+            self.provider.clone(),
             self.dovecot.clone(),
             self.deliverer.clone(),
             self.cancel.clone(),
         );
         self.tracker.spawn(async move {
             loop {
+                let every = provider.faults().dovecot.restart_every_seconds;
+                let wait = if every == 0 {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(every)
+                };
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(every)) => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+                if every == 0 || provider.faults().dovecot.restart_every_seconds == 0 {
+                    continue;
                 }
                 if let Err(e) = restart(&dovecot, &deliverer).await {
                     tracing::error!(error = %e, "sandbox: dovecot restart failed");

@@ -1,0 +1,158 @@
+//! The evidence archive: every raw message sent or received, stored once,
+//! named by its SHA-256 (`archive/ab/cd/<sha256>.eml`), written with
+//! fsync before anything is changed because of it, mode 0640.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+    /// Path relative to the archive root (`ab/cd/<sha256>.eml`).
+    pub relative: String,
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The archive could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("archive {path}: {source}")]
+pub struct ArchiveError {
+    /// The file or folder.
+    pub path: PathBuf,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+fn err(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    openssl::sha::sha256(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Stores `bytes` under `root` (idempotent: an existing file with this name
+/// is left as it is) and makes it durable: file and folder fsync'd.
+///
+/// # Errors
+/// Any file-system failure.
+pub fn store(root: &Path, bytes: &[u8]) -> Result<Archived, ArchiveError> {
+    let sha = sha256_hex(bytes);
+    let relative = format!("{}/{}/{sha}.eml", &sha[..2], &sha[2..4]);
+    let path = root.join(&relative);
+    let size = bytes.len() as u64;
+    if path.exists() {
+        return Ok(Archived {
+            sha256: sha,
+            relative,
+            path,
+            size,
+        });
+    }
+    let dir = path.parent().unwrap_or(root).to_owned();
+    create_dirs(root, &dir)?;
+    write_durable(&path, bytes, 0o640)?;
+    Ok(Archived {
+        sha256: sha,
+        relative,
+        path,
+        size,
+    })
+}
+
+fn create_dirs(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(err(dir))?;
+    let mut d = dir.to_path_buf();
+    while d.starts_with(root) && d != root {
+        let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o750));
+        if !d.pop() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file durably: temporary file, write_all, fsync, rename, fsync
+/// of the folder. The file gets `mode`.
+///
+/// # Errors
+/// Any file-system failure.
+pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut suffix = [0u8; 6];
+    let _ = openssl::rand::rand_bytes(&mut suffix);
+    let tmp = dir.join(format!(
+        ".{name}.{}.tmp",
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err(&tmp))?;
+    let result = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(path)(e));
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_once_by_hash_with_restrictive_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = store(dir.path(), b"hello").unwrap();
+        assert_eq!(
+            a.sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(a.relative, format!("2c/f2/{}.eml", a.sha256));
+        assert_eq!(fs::read(&a.path).unwrap(), b"hello");
+        let mode = fs::metadata(&a.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let b = store(dir.path(), b"hello").unwrap();
+        assert_eq!(a, b);
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = fs::read_dir(a.path.parent().unwrap())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
