@@ -173,10 +173,22 @@ impl Faults {
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .map_err(|e| e.to_string())?;
-        serde_path_to_error::deserialize::<_, Faults>(cfg).map_err(|e| {
+        let faults = serde_path_to_error::deserialize::<_, Faults>(cfg).map_err(|e| {
             let path = e.path().to_string();
             format!("{path}: {}", e.into_inner())
-        })
+        })?;
+        for (i, r) in faults.recipient.iter().enumerate() {
+            for k in &r.missing_receipts {
+                if crate::pec::Kind::from_daticert_tipo(k).is_none() {
+                    return Err(format!(
+                        "recipient[{i}].missing_receipts: unknown receipt kind \"{k}\" \
+                         (use daticert tipi such as accettazione, avvenuta-consegna, \
+                         errore-consegna, preavviso-errore-consegna)"
+                    ));
+                }
+            }
+        }
+        Ok(faults)
     }
 
     /// The faults for a recipient, if any entry matches.
@@ -255,6 +267,14 @@ missing_receipts = ["avvenuta-consegna"]
         let c = DropCounter::default();
         assert_eq!(c.take(&f), Some(DropMode::Accepted));
         assert_eq!(c.take(&f), None);
+    }
+
+    #[test]
+    fn misspelt_receipt_kinds_are_refused() {
+        let e =
+            Faults::parse("[[recipient]]\npattern='*'\nmissing_receipts=['avvenuta_consegna']\n")
+                .unwrap_err();
+        assert!(e.contains("avvenuta_consegna"), "{e}");
     }
 
     #[test]

@@ -315,9 +315,12 @@ async fn process(inner: Arc<Inner>, sub: Submission, seq: u64) {
         .unwrap_or_default();
     let tx = Arc::new(tx);
     let data = Arc::new(sub.data.clone());
-    let mut handles = Vec::new();
+    // Out of order: the acceptance waits only for the recipients whose
+    // fault says so (their delivery receipt goes first).
+    let mut first = Vec::new();
     for (rcpt, rf) in sub.rcpts.iter().zip(per_rcpt) {
         let is_cc = !to_header.iter().any(|t| same_address(t, rcpt));
+        let before_acceptance = rf.as_ref().is_some_and(|f| f.out_of_order);
         let job = RecipientJob {
             inner: inner.clone(),
             tx: tx.clone(),
@@ -328,11 +331,13 @@ async fn process(inner: Arc<Inner>, sub: Submission, seq: u64) {
             sender_idx,
             is_cc,
         };
-        handles.push(inner.tracker.spawn(job.run()));
+        let handle = inner.tracker.spawn(job.run());
+        if before_acceptance {
+            first.push(handle);
+        }
     }
     if let Some(acceptance) = acceptance {
-        // Out of order: the delivery receipts go first.
-        for h in handles {
+        for h in first {
             let _ = h.await;
         }
         inner.send(acceptance, acceptance_dup).await;
