@@ -10,8 +10,10 @@
 #                                      # time another build on the same files
 #
 # Uses hyperfine when installed (apt-get install hyperfine), else
-# /usr/bin/time. pecgate and openssl are pinned to one core with taskset
-# when it exists: the goal is stated per core.
+# /usr/bin/time. pecgate and openssl are pinned to one core (CPU, default
+# 0) with taskset when it exists: the goal is stated per core. On a shared
+# machine, `nice -n -10 scripts/bench-verify-cli.sh` (as root) steadies the
+# figures.
 set -euo pipefail
 
 N=${N:-10000}
@@ -39,7 +41,7 @@ fi
 
 pin=()
 if command -v taskset >/dev/null; then
-    pin=(taskset -c 0)
+    pin=(taskset -c "${CPU:-0}")
 fi
 
 echo "== machine"
@@ -68,7 +70,8 @@ echo "-- max RSS"
     "${pin[@]}" "$pecgate" verify --trust "$work/ca" --json "$work/receipts" >/dev/null
 
 echo "== openssl smime -verify, one process per file, over $SAMPLE files"
-find "$work/receipts" -name '*.eml' | sort | head -n "$SAMPLE" >"$work/sample.txt"
+find "$work/receipts" -name '*.eml' | sort >"$work/all.txt"
+head -n "$SAMPLE" "$work/all.txt" >"$work/sample.txt"
 cat >"$work/openssl-loop.sh" <<LOOP
 #!/usr/bin/env bash
 set -e

@@ -1109,4 +1109,158 @@ mod tests {
         let err = TrustAnchors::from_dirs(&[dir.path()]).unwrap_err();
         assert!(err.to_string().contains("junk.pem"), "{err}");
     }
+
+    // -- The fast path: certificates read once per distinct set.
+
+    use crate::pki::{self, CertKey, ProviderProfile, SignOptions, Validity};
+
+    const EMAIL: &str = "posta-certificata@pec.example.it";
+
+    fn test_pki() -> (CertKey, CertKey) {
+        let validity = Validity {
+            not_before: "2024-01-01T00:00:00Z".parse().unwrap(),
+            not_after: "2034-01-01T00:00:00Z".parse().unwrap(),
+        };
+        let ca = pki::make_ca("Fast Path CA", "Test", validity, 2048).unwrap();
+        let provider = pki::make_provider_cert(
+            &ca,
+            &ProviderProfile {
+                organization: "Test".into(),
+                common_name: "Posta Certificata".into(),
+                email: EMAIL.into(),
+                validity,
+                pec_policy: true,
+                key_bits: 2048,
+            },
+        )
+        .unwrap();
+        (ca, provider)
+    }
+
+    fn sign_options() -> SignOptions {
+        SignOptions {
+            signing_time: Some("2025-01-13T15:39:26Z".parse().unwrap()),
+            ..SignOptions::default()
+        }
+    }
+
+    #[test]
+    fn layout_strips_the_certificates_and_nothing_else() {
+        use cms::content_info::ContentInfo;
+        use cms::signed_data::SignedData;
+        use der::Decode;
+
+        let (ca, provider) = test_pki();
+        let der = pki::cms_sign(
+            b"hello\r\n",
+            &provider,
+            std::slice::from_ref(&ca.cert),
+            &sign_options(),
+            true,
+        )
+        .unwrap();
+        let layout = SignedDataLayout::of(&der).expect("a DER SignedData");
+        assert_eq!(layout.certificates.len(), 2);
+        let stripped = layout.without_certificates();
+        assert_eq!(
+            der.len() - stripped.len(),
+            layout.certificates_field.len(),
+            "only the certificates field (the headers keep their length form)"
+        );
+        let read = |bytes: &[u8]| -> SignedData {
+            ContentInfo::from_der(bytes)
+                .unwrap()
+                .content
+                .decode_as()
+                .unwrap()
+        };
+        let (whole, without) = (read(&der), read(&stripped));
+        assert_eq!(whole.certificates.map(|c| c.0.len()), Some(2));
+        assert!(without.certificates.is_none());
+        assert_eq!(whole.signer_infos, without.signer_infos);
+        assert_eq!(whole.encap_content_info, without.encap_content_info);
+        assert!(cms_accepts_certificates(layout.certificates_field));
+        assert_eq!(cms_signing_time(&der), cms_signing_time(&stripped));
+        assert!(cms_signing_time(&der).is_some());
+        // openssl reads it, and has no certificate left in it.
+        let p7 = Pkcs7::from_der(&stripped).unwrap();
+        assert!(p7.signed().unwrap().certificates().is_none());
+        // Nothing to strip any more: the fast path declines.
+        assert!(SignedDataLayout::of(&stripped).is_none());
+    }
+
+    #[test]
+    fn layout_declines_ber_and_oddities() {
+        let (ca, provider) = test_pki();
+        let der =
+            pki::cms_sign(b"hello\r\n", &provider, &[ca.cert], &sign_options(), true).unwrap();
+        assert!(SignedDataLayout::of(&der).is_some());
+        // Trailing bytes.
+        let mut trailing = der.clone();
+        trailing.push(0);
+        assert!(SignedDataLayout::of(&trailing).is_none());
+        // A non-minimal length in the outer header (BER).
+        assert_eq!(&der[..2], &[0x30, 0x82]);
+        let mut long = vec![0x30, 0x83, 0x00];
+        long.extend_from_slice(&der[2..]);
+        assert!(SignedDataLayout::of(&long).is_none());
+        // Indefinite length (BER).
+        let mut indefinite = vec![0x30, 0x80];
+        indefinite.extend_from_slice(&der[4..]);
+        indefinite.extend_from_slice(&[0, 0]);
+        assert!(SignedDataLayout::of(&indefinite).is_none());
+        // Truncated.
+        assert!(SignedDataLayout::of(&der[..der.len() - 1]).is_none());
+        assert!(SignedDataLayout::of(&[]).is_none());
+    }
+
+    #[test]
+    fn headers_are_written_and_read_back_at_every_length_form() {
+        for len in [0, 1, 0x7f, 0x80, 0xff, 0x100, 0xffff, 0x1_0000, 70_000] {
+            let mut tlv = Vec::new();
+            push_header(&mut tlv, 0x30, len);
+            assert_eq!(tlv.len(), header_len(len), "{len}");
+            tlv.resize(tlv.len() + len, 7);
+            let (read, rest) = Tlv::read(&tlv).unwrap();
+            assert_eq!((read.tag, read.content.len()), (0x30, len));
+            assert!(read.minimal, "{len}");
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_cached_certificate_set_gives_the_same_verdict() {
+        let (ca, provider) = test_pki();
+        let verifier = Verifier::new(TrustAnchors::from_certs(vec![ca.cert.clone()]).unwrap());
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let sign = |subject: &str| {
+            pki::sign_detached(
+                &format!(
+                    "From: {EMAIL}\r\nTo: a@b.it\r\nSubject: {subject}\r\n\
+                     Date: Mon, 13 Jan 2025 16:39:26 +0100\r\n"
+                ),
+                b"Content-Type: text/plain\r\n\r\nhello\r\n",
+                &provider,
+                std::slice::from_ref(&ca.cert),
+                &sign_options(),
+            )
+            .unwrap()
+        };
+        let (first, second) = (sign("one"), sign("two"));
+        let v1 = verifier.verify(&crate::pec::inspect::inspect(&first).unwrap(), now);
+        let v2 = verifier.verify(&crate::pec::inspect::inspect(&second).unwrap(), now);
+        assert_eq!(v1.status, Status::Valid, "{v1:#?}");
+        assert_eq!(v1.signed_at_source, Some(TimeSource::SigningTime));
+        assert_eq!(v1, v2);
+        assert_eq!(verifier.lock(&verifier.cert_sets).len(), 1);
+        // A tampered signature over the cached set is still caught.
+        let tampered = String::from_utf8(second)
+            .unwrap()
+            .replacen("hello", "hellO", 1);
+        let v3 = verifier.verify(
+            &crate::pec::inspect::inspect(tampered.as_bytes()).unwrap(),
+            now,
+        );
+        assert_eq!(v3.failure, Some(Failure::BadSignature), "{v3:#?}");
+    }
 }
