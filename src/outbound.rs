@@ -258,10 +258,9 @@ pub fn intake_pass(
                 if cancel.is_cancelled() {
                     break;
                 }
-                if !c.missing.is_empty() {
-                    // Still waiting for files (the scan decides when to give up).
-                    continue;
-                }
+                // A candidate with files missing is returned by the scan only
+                // once it has waited `missing_grace`: it is claimed, and
+                // `load` refuses it naming the missing files.
                 match intake::claim(&c, &mailbox.outbox, system_now()) {
                     Ok(claim) => claims.push(claim),
                     Err(e) if e.is_taken() => {}

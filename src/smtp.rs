@@ -362,8 +362,12 @@ impl Submitter {
         if let Err(e) = conn.command(Data).await {
             return before(e);
         }
-        // From here on the message is on the wire.
-        match conn.message(message).await {
+        // From here on the message is on the wire. lettre always ends the
+        // data with "\r\n.\r\n": the message's own final CRLF is left out so
+        // that the provider receives exactly `message` (the bytes archived),
+        // not `message` plus an empty line.
+        let data = message.strip_suffix(b"\r\n").unwrap_or(message);
+        match conn.message(data).await {
             Ok(r) => SubmitOutcome::Accepted {
                 reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
             },

@@ -1072,3 +1072,19 @@ async fn watching_ticks_when_a_file_arrives() {
     }
     assert!(waiting <= 1, "{waiting} ticks waiting");
 }
+
+#[test]
+fn a_release_interrupted_by_a_crash_is_finished_not_taken_in_again() {
+    // `release` renames the claim to `.released-<id>` before deleting it: a
+    // crash during the deletion leaves that folder, which `recover` only
+    // removes (the letter is already stored).
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path();
+    let half = outbox.join(".processing").join(".released-1795671484426-abcdef");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join(".claim"), b"lettera.toml").unwrap();
+    std::fs::write(half.join("lettera.toml"), b"to = [\"a@pec.example.it\"]\n").unwrap();
+    let claims = intake::recover(outbox).unwrap();
+    assert!(claims.is_empty(), "{claims:?}");
+    assert!(!half.exists());
+}

@@ -746,14 +746,7 @@ pub fn reject(claim: &Claim, outbox: &Path, problems: &[Problem]) -> Result<Path
     if let Some(p) = claim.dir.parent() {
         sync_dir(p)?;
     }
-    warn!(
-        { field::EVENT } = event::LETTER_REJECTED,
-        { field::PATH } = %target.display(),
-        letter = %claim.name(),
-        problems = problems.len(),
-        first = %problems.first().map(ToString::to_string).unwrap_or_default(),
-        "letter rejected"
-    );
+    // The caller logs `letter.rejected` (with the mailbox and the fields).
     Ok(target)
 }
 
@@ -851,16 +844,29 @@ pub fn safe_folder_name(stem: &str) -> String {
 ///
 /// The folder cannot be removed.
 pub fn release(claim: &Claim) -> Result<(), IntakeError> {
-    match fs::remove_dir_all(&claim.dir) {
+    // The atomic point: once renamed, the claim is released. A crash while
+    // the files are being deleted then leaves a `.released-` folder that
+    // `recover` only deletes, never a half-emptied claim that would be
+    // taken in again (and refused for missing documents).
+    let parent = claim.dir.parent().unwrap_or(Path::new("."));
+    let released = parent.join(format!("{RELEASED_PREFIX}{}", claim.id));
+    match fs::rename(&claim.dir, &released) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("releasing folder", &claim.dir)(e)),
+    }
+    sync_dir(parent)?;
+    match fs::remove_dir_all(&released) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("removing folder", &claim.dir)(e)),
+        Err(e) => return Err(io_err("removing folder", &released)(e)),
     }
-    if let Some(p) = claim.dir.parent() {
-        sync_dir(p)?;
-    }
+    sync_dir(parent)?;
     Ok(())
 }
+
+/// Prefix of a released claim folder being deleted (see [`release`]).
+const RELEASED_PREFIX: &str = ".released-";
 
 /// The claims a crash left in `outbox/.processing/`, oldest first, each
 /// completed (files the envelope names that were still in the outbox are
@@ -886,6 +892,13 @@ pub fn recover(outbox: &Path) -> Result<Vec<Claim>, IntakeError> {
             continue;
         }
         let id = e.file_name().to_string_lossy().into_owned();
+        if id.starts_with(RELEASED_PREFIX) {
+            // Released before the crash: its letter is stored; finish deleting.
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                warn!({ field::PATH } = %dir.display(), { field::ERROR } = %e, "released claim folder could not be removed");
+            }
+            continue;
+        }
         let marker = match fs::read(dir.join(CLAIM_MARKER)) {
             Ok(m) => m,
             Err(_) => {
