@@ -3,6 +3,7 @@ pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod ingest;
 pub mod imap;
 pub mod outbound;
 pub mod outbox;

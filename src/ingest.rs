@@ -1,0 +1,1473 @@
+//! The one place where a message from a certified mailbox turns into state
+//! changes (DESIGN.md, "Inbound"). The IMAP task, `reindex` and the tests
+//! all go through [`ingest`].
+//!
+//! The steps, in this order, for every message:
+//!
+//! 1. the raw bytes are archived (content-addressed, fsync'd) and recorded
+//!    in the store (`messages`, direction `in`) before anything else;
+//! 2. the pure core classifies and parses it ([`crate::pec::inspect`]);
+//! 3. [`Verifier::verify`] judges the signature: a message whose signature
+//!    is not valid never changes a state (it is quarantined, recorded and
+//!    logged at error level);
+//! 4. a receipt is matched by what the provider signed (daticert `msgid`,
+//!    `identificativo`, `consegna`), never by the unsigned outer headers
+//!    alone; inconsistencies quarantine it;
+//! 5. the dispatch is rebuilt from the store ([`dispatch_from_store`]), the
+//!    pure state machine applies the receipt, and every change is written
+//!    in **one** store transaction (states, events, the receipt row);
+//! 6. after the commit the receipt is copied into the letter's sent folder
+//!    (`NN-<kind>[-<recipient>].eml`) and its status files are rewritten.
+//!
+//! Incoming certified mail (`posta-certificata`) is unpacked into
+//! `inbox/YYYY/MM/<identificativo>/`; anomaly envelopes into
+//! `inbox/YYYY/MM/anomalia-<time>-<short hash>/`, plainly marked as not
+//! certified.
+//!
+//! Ingesting the same bytes twice changes nothing the second time
+//! ([`IngestOutcome::Duplicate`]).
+//!
+//! What the store has no column for is kept in the event log written here
+//! and read back by [`dispatch_from_store`]: the daticert time of the
+//! receipt that last set a recipient's state (`receipt_at` in `recipient.*`
+//! events), letter-level conflicts (`dispatch.conflict`, `level: letter`)
+//! and attempt states proven by receipts (`attempt.<state>`).
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde_json::{Value, json};
+use tracing::{debug, error, info, warn};
+
+use crate::archive::{self, ArchiveError, write_durable};
+use crate::config::MailboxConfig;
+use crate::pec::daticert::Daticert;
+use crate::pec::ids::{canonical_address, normalize_message_id, same_address};
+use crate::pec::inspect::{Inspection, inspect};
+use crate::pec::kind::Kind;
+use crate::pec::state::{
+    Attempt, AttemptState, Change, Dispatch, DispatchState, Event, Field as PecField, Outcome,
+    ReceiptFacts, Recipient, RecipientState,
+};
+use crate::sent;
+use crate::store::{
+    self, Direction, DispatchChange, DispatchDetail, EventRow, IncomingRow, MessageRow, NewEvent,
+    NewReceipt, RecipientChange, StoreError, Tx,
+};
+use crate::telemetry::{event, field};
+use crate::verify::{Status, Verdict, Verifier};
+
+/// File mode of everything ingest writes for clerks.
+const FILE_MODE: u32 = 0o640;
+/// Folder mode.
+const DIR_MODE: u32 = 0o750;
+/// The longest attachment name kept, in bytes.
+const MAX_NAME_BYTES: usize = 150;
+/// How often the store transaction is retried when another writer changed
+/// the dispatch between reading it and writing it.
+const MAX_RETRIES: usize = 5;
+
+/// Name of the signed message as received, in an inbox folder.
+pub const SIGNED_EML: &str = "messaggio-firmato.eml";
+/// Name of the original message, in an inbox folder.
+pub const POSTACERT_EML: &str = "postacert.eml";
+/// Name of the certification data, in an inbox folder.
+pub const DATICERT_XML: &str = "daticert.xml";
+/// Name of the verification report, in an inbox folder.
+pub const REPORT_TXT: &str = "verifica.txt";
+/// Name of the anomaly envelope as received, in an anomaly folder.
+pub const ANOMALY_EML: &str = "busta-anomalia.eml";
+/// Name of the wrapped message, in an anomaly folder.
+pub const ANOMALY_WRAPPED_EML: &str = "messaggio-non-certificato.eml";
+/// Name of the notice that marks an anomaly folder as not certified.
+pub const ANOMALY_NOTICE: &str = "NON-CERTIFICATO.txt";
+
+/// What ingest needs to know about where a message goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The mailbox the message was fetched from.
+    pub mailbox: &'a MailboxConfig,
+    /// The archive root.
+    pub archive: &'a Path,
+    /// The signature verifier (PEC trust anchors).
+    pub verifier: &'a Verifier,
+}
+
+/// Where the message came from on the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Source {
+    /// The IMAP UID; `None` for `reindex` and tests.
+    pub uid: Option<u32>,
+    /// The folder's UIDVALIDITY at that time.
+    pub uidvalidity: Option<u32>,
+}
+
+/// What ingest did with a message. Data for the caller to count and log;
+/// the store and the folders already reflect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// A receipt matched a dispatch and was applied (the changes may be a
+    /// single `duplicate` or `ignored` when it carried nothing new).
+    Applied {
+        /// The dispatch.
+        dispatch_id: String,
+        /// The receipt's kind (wire name).
+        kind: String,
+        /// What changed, as the state machine reported it.
+        changes: Vec<Change>,
+    },
+    /// These very bytes were ingested before: nothing changed.
+    Duplicate {
+        /// SHA-256 of the message.
+        sha256: String,
+    },
+    /// Kept aside: archived and recorded, no state changed.
+    Quarantined {
+        /// The dispatch it seemed to concern, if any.
+        dispatch_id: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// A valid receipt for a letter pecgate did not send: archived and
+    /// listed, nothing else.
+    Orphan {
+        /// The receipt's kind (wire name).
+        kind: String,
+    },
+    /// Incoming certified mail, unpacked into this inbox folder.
+    Incoming {
+        /// The folder.
+        folder: PathBuf,
+    },
+    /// An anomaly envelope (mail without legal value), unpacked into this
+    /// inbox folder.
+    Anomaly {
+        /// The folder.
+        folder: PathBuf,
+    },
+    /// Not a PEC message: archived and recorded only.
+    NotPec,
+    /// Not a mail message at all: archived and recorded only.
+    Unreadable {
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+/// Ingest could not finish; nothing that depends on the failed step was
+/// changed, and ingesting the same bytes again later is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The archive or a clerk's folder could not be written.
+    #[error(transparent)]
+    Files(#[from] ArchiveError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The store holds a value this code cannot read back (a state name).
+    #[error("dispatch {dispatch_id}: {reason}")]
+    Corrupt {
+        /// The dispatch.
+        dispatch_id: String,
+        /// What could not be read.
+        reason: String,
+    },
+}
+
+/// The ingest path with its long-lived parts, for the daemon.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    verifier: Arc<Verifier>,
+    archive_root: PathBuf,
+}
+
+impl Ingest {
+    /// An ingest path archiving under `archive_root`.
+    pub fn new(verifier: Arc<Verifier>, archive_root: impl Into<PathBuf>) -> Ingest {
+        Ingest {
+            verifier,
+            archive_root: archive_root.into(),
+        }
+    }
+
+    /// [`ingest`] with this path's verifier and archive. Blocking.
+    ///
+    /// # Errors
+    ///
+    /// As [`ingest`].
+    pub fn ingest(
+        &self,
+        db: &mut store::Db,
+        mailbox: &MailboxConfig,
+        raw: &[u8],
+        source: Source,
+        now: Timestamp,
+    ) -> Result<IngestOutcome, IngestError> {
+        let ctx = Context {
+            mailbox,
+            archive: &self.archive_root,
+            verifier: &self.verifier,
+        };
+        ingest(db, &ctx, raw, source, now)
+    }
+}
+
+/// Takes one raw message in. Blocking (files, SQLite, openssl): call it on
+/// the store thread.
+///
+/// # Errors
+///
+/// The archive, a folder or the store could not be written. The archive
+/// step comes first, so a failure later leaves the evidence on disk and the
+/// message can be ingested again.
+pub fn ingest(
+    db: &mut store::Db,
+    ctx: &Context<'_>,
+    raw: &[u8],
+    source: Source,
+    now: Timestamp,
+) -> Result<IngestOutcome, IngestError> {
+    let archived = archive::store(ctx.archive, raw)?;
+    let sha = archived.sha256.clone();
+    let mailbox = ctx.mailbox.name.clone();
+    let row = MessageRow {
+        sha256: sha.clone(),
+        path: archived.relative.clone(),
+        size: archived.size,
+        direction: Direction::In,
+        mailbox: mailbox.clone(),
+        imap_uid: source.uid,
+        imap_uidvalidity: source.uidvalidity,
+        recorded_at: now,
+    };
+    let new = db.write("ingest.record_message", |tx| tx.record_message(&row))?;
+    debug!(
+        { field::EVENT } = event::MESSAGE_ARCHIVED,
+        { field::MAILBOX } = %mailbox,
+        { field::PATH } = %archived.path.display(),
+        { field::UID } = ?source.uid,
+        sha256 = %sha,
+        new,
+        "message archived"
+    );
+
+    let ins = match inspect(raw) {
+        Ok(ins) => ins,
+        Err(e) => {
+            warn!(
+                { field::EVENT } = event::MESSAGE_UNREADABLE,
+                { field::MAILBOX } = %mailbox,
+                { field::UID } = ?source.uid,
+                { field::ERROR } = %e,
+                sha256 = %sha,
+                "not a mail message; archived only"
+            );
+            return Ok(IngestOutcome::Unreadable {
+                reason: e.to_string(),
+            });
+        }
+    };
+    let kind = ins.kind().clone();
+    debug!(
+        { field::EVENT } = event::MESSAGE_INSPECTED,
+        { field::MAILBOX } = %mailbox,
+        { field::KIND } = %kind,
+        sha256 = %sha,
+        problems = ins.problems.len(),
+        "message inspected"
+    );
+    let job = Job {
+        ctx,
+        sha: &sha,
+        raw,
+        ins: &ins,
+        now,
+    };
+    match kind {
+        Kind::NotPec => Ok(IngestOutcome::NotPec),
+        Kind::Anomaly => job.anomaly(db),
+        Kind::Transport => job.incoming(db),
+        Kind::Acceptance
+        | Kind::NonAcceptance
+        | Kind::TakenInCharge
+        | Kind::Delivery
+        | Kind::DeliveryError
+        | Kind::DeliveryTimeout
+        | Kind::VirusDetected => job.receipt(db),
+        Kind::Unknown(raw_kind) => {
+            let verdict = ctx.verifier.verify(&ins, now);
+            job.quarantine(
+                db,
+                &verdict,
+                None,
+                format!("unknown PEC message type \"{raw_kind}\""),
+            )
+        }
+    }
+}
+
+/// One message on its way through ingest.
+struct Job<'a, 'r> {
+    ctx: &'a Context<'a>,
+    sha: &'a str,
+    raw: &'a [u8],
+    ins: &'a Inspection<'r>,
+    now: Timestamp,
+}
+
+/// How a receipt matches the letters in the store.
+enum Match {
+    /// One dispatch.
+    Dispatch(String),
+    /// None: an orphan.
+    Orphan,
+    /// The signed fields contradict each other or the store.
+    Problem(Option<String>, String),
+}
+
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v.status {
+        Status::Valid => "valid",
+        Status::Invalid => "invalid",
+        Status::Unsigned => "unsigned",
+    }
+}
+
+fn verdict_reason(v: &Verdict) -> String {
+    match v.status {
+        Status::Valid => "signature valid".to_owned(),
+        Status::Unsigned => "the message is not signed".to_owned(),
+        Status::Invalid => format!(
+            "signature not valid: {}",
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+    }
+}
+
+impl Job<'_, '_> {
+    fn mailbox(&self) -> &str {
+        &self.ctx.mailbox.name
+    }
+
+    fn cause(&self) -> String {
+        format!("receipt:{}", self.sha)
+    }
+
+    fn new_receipt(
+        &self,
+        verdict: &Verdict,
+        dispatch_id: Option<String>,
+        disposition: &str,
+        reason: Option<String>,
+    ) -> NewReceipt {
+        let d = self.ins.daticert.as_ref();
+        NewReceipt {
+            message_sha256: self.sha.to_owned(),
+            kind: self.ins.kind().as_str().to_owned(),
+            verdict: verdict_name(verdict).to_owned(),
+            reason,
+            dispatch_id,
+            recipient: d.and_then(|d| d.consegna.clone()),
+            identificativo: d.map(|d| d.identificativo.clone()),
+            msgid: d.and_then(|d| d.msgid.clone()),
+            disposition: disposition.to_owned(),
+            created_at: self.now,
+        }
+    }
+
+    /// Records the message as quarantined (no state changes) and logs it at
+    /// error level.
+    fn quarantine(
+        &self,
+        db: &mut store::Db,
+        verdict: &Verdict,
+        dispatch_id: Option<String>,
+        reason: String,
+    ) -> Result<IngestOutcome, IngestError> {
+        let r = self.new_receipt(
+            verdict,
+            dispatch_id.clone(),
+            "quarantined",
+            Some(reason.clone()),
+        );
+        let id = db.write("ingest.quarantine", |tx| tx.record_receipt(&r))?;
+        if id.is_none() {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        let d = self.ins.daticert.as_ref();
+        error!(
+            { field::EVENT } = event::RECEIPT_QUARANTINED,
+            { field::MAILBOX } = %self.mailbox(),
+            { field::KIND } = %self.ins.kind(),
+            { field::DISPATCH_ID } = ?dispatch_id,
+            { field::IDENTIFICATIVO } = ?d.map(|d| d.identificativo.as_str()),
+            { field::MESSAGE_ID } = ?d.and_then(|d| d.msgid.as_deref()),
+            { field::ERROR } = %reason,
+            sha256 = %self.sha,
+            verdict = verdict_name(verdict),
+            "message quarantined: no state changed"
+        );
+        Ok(IngestOutcome::Quarantined {
+            dispatch_id,
+            reason,
+        })
+    }
+
+    // -- Receipts -------------------------------------------------------------
+
+    fn receipt(&self, db: &mut store::Db) -> Result<IngestOutcome, IngestError> {
+        let verdict = self.ctx.verifier.verify(self.ins, self.now);
+        let Some(d) = self.ins.daticert.as_ref() else {
+            let why = self.ins.daticert_error.as_ref().map_or_else(
+                || "no daticert.xml".to_owned(),
+                |e| format!("daticert: {e}"),
+            );
+            return self.quarantine(db, &verdict, None, why);
+        };
+        let matched = match_receipt(db, self.ctx.mailbox, self.ins, d)?;
+        if !verdict.is_valid() {
+            let id = match &matched {
+                Match::Dispatch(id) => Some(id.clone()),
+                Match::Problem(id, _) => id.clone(),
+                Match::Orphan => None,
+            };
+            return self.quarantine(db, &verdict, id, verdict_reason(&verdict));
+        }
+        // The header and the signed daticert must agree on what this is.
+        if let Some(dk) = d.kind()
+            && dk != *self.ins.kind()
+        {
+            return self.quarantine(
+                db,
+                &verdict,
+                None,
+                format!("header says {} but daticert says {dk}", self.ins.kind()),
+            );
+        }
+        let dispatch_id = match matched {
+            Match::Dispatch(id) => id,
+            Match::Problem(id, why) => return self.quarantine(db, &verdict, id, why),
+            Match::Orphan => return self.orphan(db, &verdict),
+        };
+        let facts = ReceiptFacts::from_daticert(
+            self.ins.kind().clone(),
+            d,
+            self.ins.message.classification.virus,
+        );
+
+        for _ in 0..MAX_RETRIES {
+            let detail = db.get(&dispatch_id)?.ok_or_else(|| IngestError::Corrupt {
+                dispatch_id: dispatch_id.clone(),
+                reason: "matched but not found".into(),
+            })?;
+            let events = db.events_for(&dispatch_id)?;
+            let before =
+                dispatch_from_store(&detail, &events).map_err(|reason| IngestError::Corrupt {
+                    dispatch_id: dispatch_id.clone(),
+                    reason,
+                })?;
+            let outcome = match before.apply(&Event::Receipt(facts.clone()), self.now) {
+                Ok(o) => o,
+                Err(rejected) => {
+                    return self.quarantine(
+                        db,
+                        &verdict,
+                        Some(dispatch_id.clone()),
+                        format!("the state machine refused it: {rejected}"),
+                    );
+                }
+            };
+            let noop = outcome.is_noop();
+            let reason = outcome.changes.iter().find_map(|c| match c {
+                Change::Ignored { reason, .. } => Some(reason.clone()),
+                _ => None,
+            });
+            let r = self.new_receipt(
+                &verdict,
+                Some(dispatch_id.clone()),
+                if noop { "duplicate" } else { "applied" },
+                reason,
+            );
+            let written = db.write("ingest.apply", |tx| {
+                // Another writer (a CLI command) may have changed the
+                // dispatch since it was read: start again.
+                if tx.get(&dispatch_id)?.as_ref() != Some(&detail) {
+                    return Ok(Written::Stale);
+                }
+                if tx.record_receipt(&r)?.is_none() {
+                    return Ok(Written::AlreadyDone);
+                }
+                write_outcome(
+                    tx,
+                    &WriteCtx {
+                        dispatch_id: &dispatch_id,
+                        mailbox: self.mailbox(),
+                        cause: &self.cause(),
+                        facts: &facts,
+                        now: self.now,
+                    },
+                    &before,
+                    &outcome,
+                )?;
+                Ok(Written::Done)
+            })?;
+            match written {
+                Written::Stale => continue,
+                Written::AlreadyDone => {
+                    return Ok(IngestOutcome::Duplicate {
+                        sha256: self.sha.to_owned(),
+                    });
+                }
+                Written::Done => {}
+            }
+            self.log_applied(&dispatch_id, d, &outcome);
+            self.file_receipt(db, &detail, d)?;
+            return Ok(IngestOutcome::Applied {
+                dispatch_id,
+                kind: self.ins.kind().as_str().to_owned(),
+                changes: outcome.changes,
+            });
+        }
+        Err(IngestError::Corrupt {
+            dispatch_id,
+            reason: "the dispatch kept changing while the receipt was applied".into(),
+        })
+    }
+
+    fn orphan(&self, db: &mut store::Db, verdict: &Verdict) -> Result<IngestOutcome, IngestError> {
+        let r = self.new_receipt(
+            verdict,
+            None,
+            "orphan",
+            Some("no letter sent by pecgate matches its msgid or identificativo".into()),
+        );
+        if db
+            .write("ingest.orphan", |tx| tx.record_receipt(&r))?
+            .is_none()
+        {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        let d = self.ins.daticert.as_ref();
+        warn!(
+            { field::EVENT } = event::RECEIPT_UNMATCHED,
+            { field::MAILBOX } = %self.mailbox(),
+            { field::KIND } = %self.ins.kind(),
+            { field::IDENTIFICATIVO } = ?d.map(|d| d.identificativo.as_str()),
+            { field::MESSAGE_ID } = ?d.and_then(|d| d.msgid.as_deref()),
+            sha256 = %self.sha,
+            "receipt for a letter pecgate did not send (orphan)"
+        );
+        Ok(IngestOutcome::Orphan {
+            kind: self.ins.kind().as_str().to_owned(),
+        })
+    }
+
+    fn log_applied(&self, dispatch_id: &str, d: &Daticert, outcome: &Outcome) {
+        let kind = self.ins.kind();
+        let changes = outcome.changes.len();
+        let state = outcome.dispatch.state.as_str();
+        let recipient = d.consegna.as_deref();
+        macro_rules! log {
+            ($level:ident, $ev:expr, $msg:literal) => {
+                $level!(
+                    { field::EVENT } = $ev,
+                    { field::MAILBOX } = %self.mailbox(),
+                    { field::DISPATCH_ID } = %dispatch_id,
+                    { field::KIND } = %kind,
+                    { field::IDENTIFICATIVO } = %d.identificativo,
+                    { field::MESSAGE_ID } = ?d.msgid.as_deref(),
+                    { field::RECIPIENT } = ?recipient,
+                    state,
+                    changes,
+                    $msg
+                )
+            };
+        }
+        match kind {
+            Kind::Acceptance => log!(info, event::RECEIPT_ACCEPTED, "letter accepted"),
+            Kind::NonAcceptance => log!(error, event::RECEIPT_NOT_ACCEPTED, "letter NOT accepted"),
+            Kind::Delivery => log!(info, event::RECEIPT_DELIVERED, "letter delivered"),
+            Kind::DeliveryError | Kind::VirusDetected => {
+                log!(error, event::RECEIPT_FAILED, "letter not delivered");
+            }
+            Kind::DeliveryTimeout => log!(warn, event::RECEIPT_WARNING, "delivery time-out notice"),
+            _ => log!(debug, event::RECEIPT_TAKEN_IN_CHARGE, "taken in charge"),
+        }
+        if outcome.dispatch.is_final() && !outcome.is_noop() {
+            info!(
+                { field::EVENT } = event::DISPATCH_FINAL,
+                { field::MAILBOX } = %self.mailbox(),
+                { field::DISPATCH_ID } = %dispatch_id,
+                state,
+                "every recipient has a final outcome"
+            );
+        }
+    }
+
+    /// Copies the receipt into the letter's sent folder and rewrites its
+    /// status files. Failures are logged, not returned: the state is
+    /// committed and the receipt is in the archive.
+    fn file_receipt(
+        &self,
+        db: &store::Db,
+        detail: &DispatchDetail,
+        d: &Daticert,
+    ) -> Result<(), IngestError> {
+        let dir = PathBuf::from(&detail.dispatch.sent_dir);
+        let result = (|| -> Result<(), ArchiveError> {
+            sent::create_folder(&self.ctx.mailbox.sent, &dir)?;
+            let name = receipt_file_name(&dir, self.ins.kind(), d.consegna.as_deref(), self.raw)
+                .map_err(|source| ArchiveError {
+                    path: dir.clone(),
+                    source,
+                })?;
+            if let Some(name) = name {
+                write_durable(&dir.join(name), self.raw, FILE_MODE)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            error!(
+                { field::EVENT } = event::RECEIPT_QUARANTINED,
+                { field::MAILBOX } = %self.mailbox(),
+                { field::DISPATCH_ID } = %detail.dispatch.id,
+                { field::PATH } = %dir.display(),
+                { field::ERROR } = %e,
+                "cannot copy the receipt into the sent folder (it is in the archive)"
+            );
+        }
+        if let Some(now_detail) = db.get(&detail.dispatch.id)?
+            && let Err(e) = sent::write_status(&dir, &now_detail, self.now)
+        {
+            error!(
+                { field::MAILBOX } = %self.mailbox(),
+                { field::DISPATCH_ID } = %detail.dispatch.id,
+                { field::PATH } = %dir.display(),
+                { field::ERROR } = %e,
+                "cannot write the status files"
+            );
+        }
+        Ok(())
+    }
+
+    // -- Incoming certified mail ---------------------------------------------
+
+    fn incoming(&self, db: &mut store::Db) -> Result<IngestOutcome, IngestError> {
+        if db.incoming(self.sha)?.is_some() {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        let verdict = self.ctx.verifier.verify(self.ins, self.now);
+        if !verdict.is_valid() {
+            return self.quarantine(db, &verdict, None, verdict_reason(&verdict));
+        }
+        let Some(d) = self.ins.daticert.as_ref() else {
+            return self.quarantine(
+                db,
+                &verdict,
+                None,
+                "posta-certificata without a readable daticert.xml".into(),
+            );
+        };
+        let Some(postacert) = self.ins.message.postacert.as_deref() else {
+            return self.quarantine(
+                db,
+                &verdict,
+                None,
+                "posta-certificata without postacert.eml".into(),
+            );
+        };
+        let inbox = &self.ctx.mailbox.inbox;
+        let month = month_dir(inbox, d.data);
+        let base = {
+            let s = sanitize_component(&d.identificativo);
+            if s.is_empty() {
+                format!("busta-{}", &self.sha[..12])
+            } else {
+                s
+            }
+        };
+        let files = self.incoming_files(d, postacert, &verdict);
+        let folder = place_folder(inbox, &month, &base, self.sha, SIGNED_EML, self.raw, &files)?;
+        let row = IncomingRow {
+            message_sha256: self.sha.to_owned(),
+            mailbox: self.mailbox().to_owned(),
+            identificativo: Some(d.identificativo.clone()),
+            mittente: d.mittente.clone(),
+            oggetto: d.oggetto.clone(),
+            folder: Some(folder.display().to_string()),
+            created_at: self.now,
+        };
+        if !db.write("ingest.incoming", |tx| tx.record_incoming(&row))? {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        info!(
+            { field::EVENT } = event::MESSAGE_RECEIVED,
+            { field::MAILBOX } = %self.mailbox(),
+            { field::IDENTIFICATIVO } = %d.identificativo,
+            { field::PATH } = %folder.display(),
+            sha256 = %self.sha,
+            "certified mail received"
+        );
+        Ok(IngestOutcome::Incoming { folder })
+    }
+
+    /// The files of an inbox folder: name and bytes.
+    fn incoming_files(
+        &self,
+        d: &Daticert,
+        postacert: &[u8],
+        verdict: &Verdict,
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut files = vec![
+            (SIGNED_EML.to_owned(), self.raw.to_vec()),
+            (POSTACERT_EML.to_owned(), postacert.to_vec()),
+        ];
+        if let Some(xml) = &self.ins.message.daticert_xml {
+            files.push((DATICERT_XML.to_owned(), xml.clone()));
+        }
+        files.push((
+            REPORT_TXT.to_owned(),
+            report(self.ins, d, verdict, self.sha).into_bytes(),
+        ));
+        let mut taken: HashSet<String> = files.iter().map(|(n, _)| n.to_lowercase()).collect();
+        if let Some(msg) = crate::pec::classify::parser().parse(postacert) {
+            for part in msg.attachments() {
+                let name = mail_parser::MimeHeaders::attachment_name(part).unwrap_or("allegato");
+                let safe = sanitize_file_name(name, &mut taken);
+                files.push((safe, part.contents().to_vec()));
+            }
+        }
+        files
+    }
+
+    // -- Anomalies ----------------------------------------------------------------
+
+    fn anomaly(&self, db: &mut store::Db) -> Result<IngestOutcome, IngestError> {
+        if db.incoming(self.sha)?.is_some() {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        let verdict = self.ctx.verifier.verify(self.ins, self.now);
+        let at = self.ins.message.date.unwrap_or(self.now);
+        let inbox = &self.ctx.mailbox.inbox;
+        let month = month_dir(inbox, at);
+        let base = format!(
+            "anomalia-{}-{}",
+            at.strftime("%Y%m%dT%H%M%SZ"),
+            &self.sha[..12]
+        );
+        let m = &self.ins.message;
+        let notice = format!(
+            "ATTENZIONE: MESSAGGIO NON CERTIFICATO\n\
+             Questo messaggio e' arrivato in una busta di anomalia: il gestore PEC non ne \
+             certifica ne' l'origine ne' il contenuto. Non ha valore legale di posta certificata.\n\n\
+             WARNING: NOT CERTIFIED MAIL\n\
+             This message arrived in an anomaly envelope: the PEC provider certifies neither \
+             its origin nor its content. It has no legal value as certified mail.\n\n\
+             Da / From: {}\nOggetto / Subject: {}\nRicevuto / Received: {}\n\
+             Firma della busta / Envelope signature: {}\nSHA-256: {}\n",
+            m.from.as_deref().unwrap_or("-"),
+            m.subject.as_deref().unwrap_or("-"),
+            sent::ts(self.now),
+            verdict_reason(&verdict),
+            self.sha,
+        );
+        let mut files = vec![
+            (ANOMALY_NOTICE.to_owned(), notice.into_bytes()),
+            (ANOMALY_EML.to_owned(), self.raw.to_vec()),
+        ];
+        if let Some(w) = &m.postacert {
+            files.push((ANOMALY_WRAPPED_EML.to_owned(), w.clone()));
+        }
+        let folder = place_folder(
+            inbox,
+            &month,
+            &base,
+            self.sha,
+            ANOMALY_EML,
+            self.raw,
+            &files,
+        )?;
+        let row = IncomingRow {
+            message_sha256: self.sha.to_owned(),
+            mailbox: self.mailbox().to_owned(),
+            identificativo: None,
+            mittente: m.from.clone(),
+            oggetto: m
+                .subject
+                .clone()
+                .map(|s| format!("[ANOMALIA, non certificato] {s}")),
+            folder: Some(folder.display().to_string()),
+            created_at: self.now,
+        };
+        if !db.write("ingest.anomaly", |tx| tx.record_incoming(&row))? {
+            return Ok(IngestOutcome::Duplicate {
+                sha256: self.sha.to_owned(),
+            });
+        }
+        warn!(
+            { field::EVENT } = event::MESSAGE_RECEIVED,
+            { field::MAILBOX } = %self.mailbox(),
+            { field::KIND } = %self.ins.kind(),
+            { field::PATH } = %folder.display(),
+            sha256 = %self.sha,
+            "anomaly envelope received: NOT certified mail"
+        );
+        Ok(IngestOutcome::Anomaly { folder })
+    }
+}
+
+enum Written {
+    Done,
+    AlreadyDone,
+    Stale,
+}
+
+/// The short human report kept next to incoming mail.
+fn report(ins: &Inspection<'_>, d: &Daticert, v: &Verdict, sha: &str) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "Verifica del messaggio PEC / PEC message verification");
+    let _ = writeln!(s, "Tipo / Kind: {}", ins.kind());
+    let _ = writeln!(s, "Identificativo: {}", d.identificativo);
+    let _ = writeln!(
+        s,
+        "Data (certificata) / Certified time: {}",
+        sent::ts(d.data)
+    );
+    if let Some(m) = &d.mittente {
+        let _ = writeln!(s, "Mittente / Sender: {m}");
+    }
+    for x in &d.destinatari {
+        let _ = writeln!(s, "Destinatario / Recipient: {} ({})", x.address, x.tipo);
+    }
+    if let Some(o) = &d.oggetto {
+        let _ = writeln!(s, "Oggetto / Subject: {o}");
+    }
+    if let Some(g) = &d.gestore_emittente {
+        let _ = writeln!(s, "Gestore / Provider: {g}");
+    }
+    let esito = if v.is_valid() {
+        "VALIDA / VALID"
+    } else {
+        "NON VALIDA / NOT VALID"
+    };
+    let _ = writeln!(s, "Firma / Signature: {esito}");
+    if let Some(r) = &v.reason {
+        let _ = writeln!(s, "  motivo / reason: {r}");
+    }
+    if let Some(x) = &v.signer_cn {
+        let _ = writeln!(s, "  firmatario / signer: {x}");
+    }
+    if let Some(x) = &v.signer_email {
+        let _ = writeln!(s, "  indirizzo / address: {x}");
+    }
+    if let Some(x) = &v.issuer_cn {
+        let _ = writeln!(s, "  emesso da / issuer: {x}");
+    }
+    if let Some(x) = v.signed_at {
+        let _ = writeln!(s, "  firmato il / signed at: {}", sent::ts(x));
+    }
+    let _ = writeln!(s, "  revoca / revocation: {}", v.revocation);
+    for p in &ins.problems {
+        let _ = writeln!(s, "Problema / Problem: {p}");
+    }
+    let _ = writeln!(s, "SHA-256: {sha}");
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Matching
+
+/// Matches a receipt by its signed daticert: `msgid` → an attempt's
+/// Message-ID, `identificativo` → an accepted dispatch; both must agree,
+/// the outer `X-Riferimento-Message-ID` must agree with the msgid, and
+/// `consegna` must be a recipient of the letter.
+fn match_receipt(
+    db: &store::Db,
+    mailbox: &MailboxConfig,
+    ins: &Inspection<'_>,
+    d: &Daticert,
+) -> Result<Match, IngestError> {
+    let msgid = d.msgid.as_deref().and_then(normalize_message_id);
+    if let Some(h) = ins.message.classification.refers_to.as_deref() {
+        let h = normalize_message_id(h);
+        if h.is_some() && h != msgid {
+            return Ok(Match::Problem(
+                None,
+                format!(
+                    "X-Riferimento-Message-ID <{}> differs from the signed daticert msgid <{}>",
+                    h.unwrap_or_default(),
+                    msgid.clone().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    let by_msgid: Option<String> = match &msgid {
+        Some(m) => {
+            let mut found = None;
+            for row in db.find(m)? {
+                if let Some(det) = db.get(&row.id)?
+                    && det.attempts.iter().any(|a| a.message_id == *m)
+                {
+                    found = Some(row.id);
+                    break;
+                }
+            }
+            found
+        }
+        None => None,
+    };
+    let ident = d.identificativo.trim();
+    let by_ident: Option<String> = if ident.is_empty() {
+        None
+    } else {
+        db.find(ident)?
+            .into_iter()
+            .find(|r| {
+                r.identificativo
+                    .as_deref()
+                    .is_some_and(|i| normalize_message_id(i) == normalize_message_id(ident))
+            })
+            .map(|r| r.id)
+    };
+    let id = match (by_msgid, by_ident) {
+        (None, None) => return Ok(Match::Orphan),
+        (Some(a), Some(b)) if a != b => {
+            return Ok(Match::Problem(
+                None,
+                format!(
+                    "the signed msgid names letter {a} but the identificativo names letter {b}"
+                ),
+            ));
+        }
+        (None, Some(b)) if msgid.is_some() => {
+            return Ok(Match::Problem(
+                Some(b.clone()),
+                format!(
+                    "the signed msgid <{}> names no letter, but the identificativo names letter {b}",
+                    msgid.unwrap_or_default()
+                ),
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+    };
+    let Some(det) = db.get(&id)? else {
+        return Ok(Match::Orphan);
+    };
+    if det.dispatch.mailbox != mailbox.name {
+        return Ok(Match::Problem(
+            Some(id.clone()),
+            format!(
+                "the receipt arrived in mailbox {} but letter {id} was sent from {}",
+                mailbox.name, det.dispatch.mailbox
+            ),
+        ));
+    }
+    let per_recipient = matches!(
+        ins.kind(),
+        Kind::Delivery | Kind::DeliveryError | Kind::DeliveryTimeout | Kind::VirusDetected
+    );
+    if per_recipient {
+        match d.consegna.as_deref() {
+            None => {
+                return Ok(Match::Problem(
+                    Some(id),
+                    "a per-recipient receipt without consegna".into(),
+                ));
+            }
+            Some(c) if !det.recipients.iter().any(|r| same_address(&r.address, c)) => {
+                return Ok(Match::Problem(
+                    Some(id.clone()),
+                    format!("consegna {c} is not a recipient of letter {id}"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Match::Dispatch(id))
+}
+
+// ---------------------------------------------------------------------------
+// Store rows <-> the pure dispatch
+
+fn parse_detail(ev: &EventRow) -> Value {
+    serde_json::from_str(&ev.detail).unwrap_or(Value::Null)
+}
+
+/// Rebuilds the pure [`Dispatch`] of the state machine from the store's
+/// rows and the dispatch's events (for what has no column: the daticert
+/// time of each recipient's receipt, letter-level conflicts, attempt states
+/// proven by receipts).
+///
+/// # Errors
+///
+/// A state name the state machine does not know.
+pub fn dispatch_from_store(
+    detail: &DispatchDetail,
+    events: &[EventRow],
+) -> Result<Dispatch, String> {
+    let row = &detail.dispatch;
+    let state = DispatchState::from_str(&row.state).map_err(|e| e.to_string())?;
+    let mut attempts = Vec::with_capacity(detail.attempts.len());
+    for a in &detail.attempts {
+        attempts.push(Attempt {
+            message_id: a.message_id.clone(),
+            state: AttemptState::from_str(&a.state).map_err(|e| e.to_string())?,
+            started_at: a.started_at,
+            changed_at: a.finished_at.unwrap_or(a.started_at),
+            reply: a.smtp_reply.clone(),
+        });
+    }
+    let mut recipients = Vec::with_capacity(detail.recipients.len());
+    for r in &detail.recipients {
+        recipients.push(Recipient {
+            address: r.address.clone(),
+            field: match r.field {
+                store::Field::To => PecField::To,
+                store::Field::Cc => PecField::Cc,
+            },
+            certified: r.certified,
+            state: RecipientState::from_str(&r.state).map_err(|e| e.to_string())?,
+            at: None,
+            detail: r.detail.clone(),
+            conflict: r.conflict.is_some(),
+        });
+    }
+    let mut submitted_at = detail
+        .attempts
+        .iter()
+        .filter(|a| a.state == "submitted")
+        .filter_map(|a| a.finished_at)
+        .max();
+    let mut conflict = None;
+    for ev in events {
+        let v = parse_detail(ev);
+        if ev.event == "dispatch.submitted" {
+            submitted_at = Some(ev.at);
+        } else if ev.event == "dispatch.conflict" && v["level"] == "letter" {
+            conflict = v["detail"].as_str().map(str::to_owned);
+        } else if let Some(st) = ev.event.strip_prefix("attempt.")
+            && let (Some(mid), Ok(st)) = (v["message_id"].as_str(), AttemptState::from_str(st))
+            && let Some(a) = attempts.iter_mut().find(|a| a.message_id == mid)
+        {
+            a.state = st;
+            a.changed_at = ev.at;
+        } else if ev.event.starts_with("recipient.")
+            && let (Some(addr), Some(at)) = (v["recipient"].as_str(), v["receipt_at"].as_str())
+            && let Some(r) = recipients
+                .iter_mut()
+                .find(|r| same_address(&r.address, addr))
+            && let Ok(at) = at.parse::<Timestamp>()
+        {
+            r.at = Some(at);
+        }
+    }
+    let reason = match state {
+        DispatchState::NotAccepted | DispatchState::Refused => row.error.clone(),
+        _ => None,
+    };
+    Ok(Dispatch {
+        state,
+        attempts,
+        submitted_at,
+        accepted_at: row.accepted_at,
+        identificativo: row.identificativo.clone(),
+        reason,
+        conflict,
+        recipients,
+    })
+}
+
+struct WriteCtx<'a> {
+    dispatch_id: &'a str,
+    mailbox: &'a str,
+    cause: &'a str,
+    facts: &'a ReceiptFacts,
+    now: Timestamp,
+}
+
+/// Writes an outcome's changes, in order, inside the caller's transaction.
+fn write_outcome(
+    tx: &Tx<'_>,
+    w: &WriteCtx<'_>,
+    before: &Dispatch,
+    outcome: &Outcome,
+) -> store::Result<()> {
+    let after = &outcome.dispatch;
+    let kind = w.facts.kind.as_str();
+    let receipt_at = sent::ts(w.facts.at);
+    let base_detail = || json!({"kind": kind, "daticert_at": receipt_at});
+    let mut dispatch_extra_pending = true;
+    let new_ident = (after.identificativo != before.identificativo)
+        .then(|| after.identificativo.clone())
+        .flatten();
+    let new_accepted = (after.accepted_at != before.accepted_at)
+        .then_some(after.accepted_at)
+        .flatten();
+    let new_reason =
+        (after.reason != before.reason).then(|| after.reason.clone().unwrap_or_default());
+    // The last RecipientChanged per address carries the final columns.
+    let last_change_of = |address: &str| {
+        outcome.changes.iter().rposition(|c| {
+            matches!(c, Change::RecipientChanged { address: a, .. } if same_address(a, address))
+        })
+    };
+    let recipient_change = |r_after: &Recipient,
+                            r_before: Option<&Recipient>,
+                            state: RecipientState,
+                            change_cause: &str| {
+        let mut c = RecipientChange::new(state.as_str(), w.cause, w.now);
+        let mut detail = base_detail();
+        detail["change_cause"] = json!(change_cause);
+        if r_after.at != r_before.and_then(|r| r.at)
+            && let Some(at) = r_after.at
+        {
+            detail["receipt_at"] = json!(sent::ts(at));
+        }
+        c.detail = detail;
+        if r_before.map(|r| r.certified) != Some(r_after.certified) {
+            c.certified = r_after.certified;
+        }
+        if r_before.map(|r| &r.detail) != Some(&r_after.detail) {
+            c.note = Some(r_after.detail.clone().unwrap_or_default());
+        }
+        if r_after.conflict
+            && (r_before.map(|r| (r.conflict, &r.detail)) != Some((true, &r_after.detail)))
+        {
+            c.conflict = r_after.detail.clone();
+        }
+        c
+    };
+    let mut recipients_written: HashSet<String> = HashSet::new();
+    for (i, change) in outcome.changes.iter().enumerate() {
+        match change {
+            Change::DispatchChanged { to, cause, .. } => {
+                let mut c = DispatchChange::new(to.as_str(), w.cause, w.now);
+                let mut detail = base_detail();
+                detail["change_cause"] = json!(cause.as_str());
+                c.detail = detail;
+                if dispatch_extra_pending {
+                    c.identificativo = new_ident.clone();
+                    c.accepted_at = new_accepted;
+                    c.error = new_reason.clone();
+                    dispatch_extra_pending = false;
+                }
+                tx.set_dispatch_state(w.dispatch_id, &c)?;
+            }
+            Change::RecipientChanged {
+                address, to, cause, ..
+            } => {
+                let Some(r_after) = after.recipient(address) else {
+                    continue;
+                };
+                let r_before = before.recipient(address);
+                let mut c = recipient_change(r_after, r_before, *to, cause.as_str());
+                if last_change_of(address) != Some(i) {
+                    // An intermediate step: only the state.
+                    c = RecipientChange {
+                        certified: None,
+                        note: None,
+                        conflict: None,
+                        ..c
+                    };
+                    if let Value::Object(m) = &mut c.detail {
+                        m.remove("receipt_at");
+                    }
+                } else {
+                    recipients_written.insert(canonical_address(address));
+                }
+                tx.set_recipient_state(w.dispatch_id, address, &c)?;
+            }
+            Change::AttemptChanged {
+                message_id,
+                from,
+                to,
+                cause,
+            } => {
+                tx.append_event(&NewEvent {
+                    at: w.now,
+                    mailbox: Some(w.mailbox.to_owned()),
+                    dispatch_id: Some(w.dispatch_id.to_owned()),
+                    event: format!("attempt.{to}"),
+                    cause: w.cause.to_owned(),
+                    detail: json!({
+                        "message_id": normalize_message_id(message_id).unwrap_or_else(|| message_id.clone()),
+                        "from": from.map(AttemptState::as_str), "to": to.as_str(),
+                        "change_cause": cause.as_str(), "kind": kind,
+                    }),
+                })?;
+            }
+            Change::Conflict {
+                address,
+                detail,
+                cause,
+            } => {
+                let letter = after.conflict.as_deref() == Some(detail.as_str())
+                    && before.conflict.as_deref() != Some(detail.as_str());
+                tx.append_event(&NewEvent {
+                    at: w.now,
+                    mailbox: Some(w.mailbox.to_owned()),
+                    dispatch_id: Some(w.dispatch_id.to_owned()),
+                    event: if letter {
+                        "dispatch.conflict"
+                    } else {
+                        "recipient.conflict"
+                    }
+                    .to_owned(),
+                    cause: w.cause.to_owned(),
+                    detail: json!({
+                        "level": if letter { "letter" } else { "recipient" },
+                        "recipient": address.as_deref().map(canonical_address),
+                        "detail": detail, "change_cause": cause.as_str(), "kind": kind,
+                    }),
+                })?;
+            }
+            Change::Duplicate { .. } | Change::Ignored { .. } => {}
+        }
+    }
+    // Columns that changed without a state change (the acceptance's
+    // classification, a conflict, a new detail).
+    for r_after in &after.recipients {
+        if recipients_written.contains(&canonical_address(&r_after.address)) {
+            continue;
+        }
+        let r_before = before.recipient(&r_after.address);
+        if r_before == Some(r_after) {
+            continue;
+        }
+        let c = recipient_change(r_after, r_before, r_after.state, kind);
+        tx.set_recipient_state(w.dispatch_id, &r_after.address, &c)?;
+    }
+    if dispatch_extra_pending
+        && (new_ident.is_some() || new_accepted.is_some() || new_reason.is_some())
+    {
+        let mut c = DispatchChange::new(after.state.as_str(), w.cause, w.now);
+        c.detail = base_detail();
+        c.identificativo = new_ident;
+        c.accepted_at = new_accepted;
+        c.error = new_reason;
+        tx.set_dispatch_state(w.dispatch_id, &c)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+/// `inbox/YYYY/MM` for `at` (month in Europe/Rome, the clerks' calendar).
+fn month_dir(inbox: &Path, at: Timestamp) -> PathBuf {
+    let tz = jiff::tz::TimeZone::get("Europe/Rome").unwrap_or(jiff::tz::TimeZone::UTC);
+    let local = at.to_zoned_datetime(tz);
+    inbox
+        .join(format!("{:04}", local.year()))
+        .join(format!("{:02}", local.month()))
+}
+
+/// A folder name made from untrusted text: safe characters only.
+fn sanitize_component(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while out.starts_with('.') {
+        out.remove(0);
+    }
+    out.truncate(MAX_NAME_BYTES);
+    out
+}
+
+/// Writes `files` into a new folder `month/base` (or `base-2`, ... when a
+/// folder of that name holds another message), atomically: a temporary
+/// folder is filled and renamed. A folder that already holds this very
+/// message (`marker` with the same bytes, after a crash) is reused.
+fn place_folder(
+    root: &Path,
+    month: &Path,
+    base: &str,
+    sha: &str,
+    marker: &str,
+    raw: &[u8],
+    files: &[(String, Vec<u8>)],
+) -> Result<PathBuf, ArchiveError> {
+    sent::create_folder(root, month)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ArchiveError { path, source }
+    };
+    let mut n = 1;
+    let target = loop {
+        let name = if n == 1 {
+            base.to_owned()
+        } else {
+            format!("{base}-{n}")
+        };
+        let candidate = month.join(&name);
+        if !candidate.exists() {
+            break candidate;
+        }
+        if fs::read(candidate.join(marker)).is_ok_and(|b| b == raw) {
+            return Ok(candidate);
+        }
+        n += 1;
+    };
+    let tmp = month.join(format!(".tmp-{}", &sha[..16]));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let _ = fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE));
+    for (name, bytes) in files {
+        let path = tmp.join(name);
+        // Names are sanitised; this is a last guard against escaping.
+        if path.parent() != Some(tmp.as_path()) {
+            continue;
+        }
+        write_durable(&path, bytes, FILE_MODE)?;
+    }
+    fs::rename(&tmp, &target).map_err(io(&target))?;
+    fs::File::open(month)
+        .and_then(|d| d.sync_all())
+        .map_err(io(month))?;
+    Ok(target)
+}
+
+/// The name of a receipt in the sent folder, `NN-<kind>[-<recipient>].eml`
+/// with the next free `NN`; `None` when the folder already holds these
+/// bytes (a crash after the commit, before the copy).
+fn receipt_file_name(
+    dir: &Path,
+    kind: &Kind,
+    recipient: Option<&str>,
+    raw: &[u8],
+) -> std::io::Result<Option<String>> {
+    let mut max = 0u32;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .get(..2)
+            .filter(|_| name.as_bytes().get(2) == Some(&b'-') && name.ends_with(".eml"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if n == 0 {
+            continue; // 00-inviato*.eml: the letter itself
+        }
+        max = max.max(n);
+        if entry.metadata().map(|m| m.len()).ok() == Some(raw.len() as u64)
+            && fs::read(entry.path()).is_ok_and(|b| b == raw)
+        {
+            return Ok(None);
+        }
+    }
+    let mut name = format!("{:02}-{}", max + 1, kind.as_str());
+    if let Some(r) = recipient {
+        let r = sanitize_component(&canonical_address(r));
+        if !r.is_empty() {
+            name.push('-');
+            name.push_str(&r);
+        }
+    }
+    name.push_str(".eml");
+    Ok(Some(name))
+}
+
+/// Names Windows refuses, whatever the extension.
+const RESERVED: &[&str] = &[
+    "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+    "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+];
+
+/// Makes an attachment name from a message safe to create in a clerk's
+/// folder: only the last path component (no traversal), no control or
+/// Windows-reserved characters, no leading dots, no trailing dots or
+/// spaces, no reserved device names, at most 150 bytes (the extension
+/// kept), and distinct (case-insensitively) from every name in `taken`
+/// (`name-2.pdf`, `name-3.pdf`, ...); the result is added to `taken`.
+pub fn sanitize_file_name(name: &str, taken: &mut HashSet<String>) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut s: String = last
+        .chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    s = s
+        .trim_start_matches(['.', ' '])
+        .trim_end_matches(['.', ' '])
+        .to_owned();
+    if s.is_empty() {
+        s = "allegato".to_owned();
+    }
+    let (stem, ext) = match s.rfind('.') {
+        Some(i) if i > 0 && s.len() - i <= 16 => (s[..i].to_owned(), s[i..].to_owned()),
+        _ => (s.clone(), String::new()),
+    };
+    let mut stem = stem;
+    let stem_upper = stem.trim_end_matches(['.', ' ']).to_ascii_uppercase();
+    if RESERVED.contains(&stem_upper.as_str()) {
+        stem = format!("_{stem}");
+    }
+    let limit = MAX_NAME_BYTES.saturating_sub(ext.len() + 4);
+    if stem.len() > limit {
+        let mut cut = limit;
+        while !stem.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stem.truncate(cut);
+    }
+    let mut candidate = format!("{stem}{ext}");
+    let mut n = 2;
+    while taken.contains(&candidate.to_lowercase()) {
+        candidate = format!("{stem}-{n}{ext}");
+        n += 1;
+    }
+    taken.insert(candidate.to_lowercase());
+    candidate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_are_made_safe() {
+        let mut taken = HashSet::new();
+        assert_eq!(sanitize_file_name("../../etc/passwd", &mut taken), "passwd");
+        assert_eq!(sanitize_file_name("a\u{7}b.pdf", &mut taken), "a_b.pdf");
+        assert_eq!(sanitize_file_name("CON", &mut taken), "_CON");
+        assert_eq!(sanitize_file_name("con.txt", &mut taken), "_con.txt");
+        assert_eq!(sanitize_file_name("doc.pdf", &mut taken), "doc.pdf");
+        assert_eq!(sanitize_file_name("DOC.pdf", &mut taken), "DOC-2.pdf");
+        assert_eq!(sanitize_file_name("..", &mut taken), "allegato");
+        assert_eq!(sanitize_file_name("C:\\x\\.hidden", &mut taken), "hidden");
+        let long = "x".repeat(400) + ".pdf";
+        let s = sanitize_file_name(&long, &mut taken);
+        assert!(s.len() <= MAX_NAME_BYTES && s.ends_with(".pdf"));
+    }
+}
