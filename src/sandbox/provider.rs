@@ -239,17 +239,7 @@ async fn process(inner: Arc<Inner>, sub: Submission, seq: u64) {
             ReceiptType::Completa,
         );
         let composed = compose::non_acceptance(&tx, "messaggio non conforme a RFC 5322", false);
-        inner
-            .send(
-                Outgoing {
-                    to: sender.address.clone(),
-                    signer: sender_idx,
-                    composed,
-                    time,
-                },
-                false,
-            )
-            .await;
+        refuse(&inner, &sender.address, sender_idx, composed, time).await;
         return;
     };
     let ricevuta = requested_receipt(&msg);
@@ -262,20 +252,22 @@ async fn process(inner: Arc<Inner>, sub: Submission, seq: u64) {
         seq,
         ricevuta,
     );
-    if let Some((reason, virus)) = formal_check(&sub, &msg) {
+    let refusal = formal_check(&sub, &msg);
+    let to_header: Vec<String> = msg
+        .to()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.address())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    // Submitted bytes are untrusted: free the parse without recursion.
+    crate::pec::envelope::drop_flat(msg);
+    if let Some((reason, virus)) = refusal {
         tracing::info!(recipient = %sender.address, reason = %reason, "sandbox: non-accettazione");
         let composed = compose::non_acceptance(&tx, &reason, virus);
-        inner
-            .send(
-                Outgoing {
-                    to: sender.address.clone(),
-                    signer: sender_idx,
-                    composed,
-                    time,
-                },
-                false,
-            )
-            .await;
+        refuse(&inner, &sender.address, sender_idx, composed, time).await;
         return;
     }
     let faults = inner.faults();
@@ -304,15 +296,6 @@ async fn process(inner: Arc<Inner>, sub: Submission, seq: u64) {
         inner.send(acceptance, acceptance_dup).await;
         None
     };
-    let to_header: Vec<String> = msg
-        .to()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.address())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
     let tx = Arc::new(tx);
     let data = Arc::new(sub.data.clone());
     // Out of order: the acceptance waits only for the recipients whose
@@ -512,6 +495,17 @@ impl RecipientJob {
         };
         self.inner.send(out, false).await;
     }
+}
+
+/// Sends a non-acceptance notice to the sender.
+async fn refuse(inner: &Inner, sender: &str, signer: usize, composed: Composed, time: Timestamp) {
+    let out = Outgoing {
+        to: sender.to_owned(),
+        signer,
+        composed,
+        time,
+    };
+    inner.send(out, false).await;
 }
 
 /// SHA-1 hex of a part, for breve receipts.
