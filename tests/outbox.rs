@@ -1080,7 +1080,9 @@ fn a_release_interrupted_by_a_crash_is_finished_not_taken_in_again() {
     // removes (the letter is already stored).
     let dir = tempfile::tempdir().unwrap();
     let outbox = dir.path();
-    let half = outbox.join(".processing").join(".released-1795671484426-abcdef");
+    let half = outbox
+        .join(".processing")
+        .join(".released-1795671484426-abcdef");
     std::fs::create_dir_all(&half).unwrap();
     std::fs::write(half.join(".claim"), b"lettera.toml").unwrap();
     std::fs::write(half.join("lettera.toml"), b"to = [\"a@pec.example.it\"]\n").unwrap();
