@@ -9,10 +9,16 @@
 #                      # (strace -c -f -w: slows the daemon down; the batch
 #                      # figures of such a run are not throughput figures)
 #   KEEP=/tmp/bench-out scripts/bench-outbound.sh   # keep the world and logs
+#   NODELAY=1 scripts/bench-outbound.sh
+#                      # experiment: the daemon runs with an LD_PRELOAD shim
+#                      # (built here with cc) that sets TCP_NODELAY on every
+#                      # TCP socket it connects, which is what the fix proposed
+#                      # for src/smtp.rs does (docs/BENCHMARKS.md)
 #
 # What it does:
-# 1. builds the release binary and starts `pecgate sandbox --dir W` (needs
-#    Dovecot: scripts/setup);
+# 1. builds the release binary; measures the disk (a 2 KB file written
+#    durably from 1, 4 and 8 threads; without fsync, then one sync(2)); starts
+#    `pecgate sandbox --dir W` (needs Dovecot: scripts/setup);
 # 2. latency: starts `pecgate run` with pacing off and a 0.05 s settle, then
 #    drops N letters one at a time (document and envelope written under a
 #    temporary name, then renamed into the outbox; the next letter only after
@@ -32,7 +38,7 @@
 # Parameters (environment): N, BATCH, DOC_BYTES (2048), DAEMON_CPU,
 # SANDBOX_CPU, NICE, SUBMIT_TIMEOUT (seconds to wait for the batch to be
 # submitted, default 1800), LATENCY=0 or BATCH=0 to skip a phase, STRACE=1,
-# KEEP=DIR, PECGATE=/path/to/pecgate (skips the build).
+# NODELAY=1, KEEP=DIR, PECGATE=/path/to/pecgate (skips the build).
 set -euo pipefail
 
 N=${N:-200}
@@ -43,6 +49,7 @@ SANDBOX_CPU=${SANDBOX_CPU:-0}
 SUBMIT_TIMEOUT=${SUBMIT_TIMEOUT:-1800}
 LATENCY=${LATENCY:-1}
 STRACE=${STRACE:-0}
+NODELAY=${NODELAY:-0}
 if [ "$(id -u)" -eq 0 ]; then NICE=${NICE:--10}; else NICE=${NICE:-0}; fi
 
 cd "$(dirname "$0")/.."
@@ -59,11 +66,17 @@ command -v python3 >/dev/null || { echo "bench-outbound: python3 is needed" >&2;
 
 if [ -n "${KEEP:-}" ]; then
     work=$KEEP
+    if [ -e "$work" ] && [ -n "$(ls -A "$work")" ] && [ ! -f "$work/analyse.py" ]; then
+        echo "bench-outbound: KEEP=$work is not empty and not an earlier run's folder" >&2
+        exit 1
+    fi
     rm -rf "$work"
     mkdir -p "$work"
 else
     work=$(mktemp -d /var/tmp/pecgate-bench-outbound.XXXXXX)
 fi
+# Dovecot's mail processes (another user) must reach the world's folders.
+chmod 0755 "$work"
 W=$work/world
 mkdir -p "$W"
 
@@ -293,14 +306,84 @@ for i in range(1, n + 1):
                 f'attachments = ["{name}.pdf"]\nprotocol = "2026/B{i:07d}"\n')
 PY
 
+preload=()
+if [ "$NODELAY" != 0 ]; then
+    cat >"$work/nodelay.c" <<'C'
+/* Sets TCP_NODELAY on every TCP socket before connect(2). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+int connect(int fd, const struct sockaddr *addr, socklen_t len) {
+    static int (*real)(int, const struct sockaddr *, socklen_t);
+    if (!real) real = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+    if (addr && (addr->sa_family == AF_INET || addr->sa_family == AF_INET6)) {
+        int type = 0, one = 1;
+        socklen_t tl = sizeof type;
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_STREAM)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return real(fd, addr, len);
+}
+C
+    cc -shared -fPIC -O2 -o "$work/nodelay.so" "$work/nodelay.c" -ldl
+    preload=(env "LD_PRELOAD=$work/nodelay.so")
+fi
+
 echo "== machine"
 echo "nproc: $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
 echo "memory: $(grep MemTotal /proc/meminfo | tr -s ' ')"
 echo "kernel: $(uname -r); file system of $work: $(df -T "$work" | awk 'NR==2 {print $2}')"
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "pecgate: $PECGATE ($("$PECGATE" --version)); git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo ' + uncommitted changes')"
+src_state=$(git -C "$repo" status --porcelain -- src 2>/dev/null | wc -l)
+echo "pecgate: $PECGATE ($("$PECGATE" --version)); tree at git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'), $src_state uncommitted change(s) under src/ at the start"
 echo "daemon on CPU $DAEMON_CPU, sandbox on CPU $SANDBOX_CPU, nice $NICE; N=$N BATCH=$BATCH DOC_BYTES=$DOC_BYTES"
+[ "$NODELAY" = 0 ] || echo "EXPERIMENT: daemon with TCP_NODELAY forced by LD_PRELOAD=$work/nodelay.so"
 echo "work dir: $work"
+
+echo "== disk: a 2 KB file written, fsync'ed and renamed (python3), in $work"
+python3 - "$work/disk-probe" <<'PY'
+import os, sys, threading, time
+d = sys.argv[1]
+os.makedirs(d)
+def put(path, sync):
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT, 0o640)
+    os.write(fd, b"x" * 2048)
+    if sync:
+        os.fsync(fd)
+    os.close(fd)
+    os.rename(path + ".tmp", path)
+def run(threads, n=400):
+    names = [f"{d}/t{threads}-{i}" for i in range(n)]
+    ts = [threading.Thread(target=lambda c=names[k::threads]: [put(p, True) for p in c])
+          for k in range(threads)]
+    t = time.perf_counter()
+    for x in ts: x.start()
+    for x in ts: x.join()
+    return (time.perf_counter() - t) / n * 1e6
+fsync_dir = []
+for i in range(200):
+    t = time.perf_counter()
+    put(f"{d}/dir{i}", True)
+    fd = os.open(d, os.O_RDONLY)
+    t1 = time.perf_counter()
+    os.fsync(fd)
+    fsync_dir.append(time.perf_counter() - t1)
+    os.close(fd)
+print(f"fsync of the folder after a rename: {sorted(fsync_dir)[100] * 1e6:.0f} us (median)")
+for k in (1, 4, 8):
+    print(f"write + fsync + rename, {k} thread(s): {run(k):.0f} us per file")
+t = time.perf_counter()
+for i in range(400):
+    put(f"{d}/n{i}", False)
+t1 = time.perf_counter()
+os.sync()
+t2 = time.perf_counter()
+print(f"write + rename without fsync: {(t1 - t) / 400 * 1e6:.0f} us per file; "
+      f"then one sync(2) for all 400: {(t2 - t1) * 1e3:.1f} ms")
+PY
+rm -rf "$work/disk-probe"
 
 echo "== sandbox"
 "${run_sandbox[@]}" "$PECGATE" sandbox --dir "$W" >"$work/sandbox.log" 2>&1 &
@@ -319,7 +402,7 @@ export PECGATE__OUTBOX__SETTLE_SECONDS=0.05
 export PECGATE__OUTBOX__RESCAN_SECONDS=0.2
 
 start_daemon() { # LOG
-    "${run_daemon[@]}" "$PECGATE" --config "$W/pecgate.toml" --log-format json run 2>>"$1" &
+    "${preload[@]}" "${run_daemon[@]}" "$PECGATE" --config "$W/pecgate.toml" --log-format json run 2>>"$1" &
     daemon_pid=$!
 }
 wait_started() { # LOG

@@ -95,6 +95,19 @@ fn create_dirs(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
 /// # Errors
 /// Any file-system failure.
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
+    write_file(path, bytes, mode, true)
+}
+
+/// Writes a file atomically (temporary file, rename) with `mode`, without
+/// fsync: for files derived from durable state (status files).
+///
+/// # Errors
+/// Any file-system failure.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
+    write_file(path, bytes, mode, false)
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(), ArchiveError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -117,12 +130,15 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Archive
         .map_err(err(&tmp))?;
     let result = f
         .write_all(bytes)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
         .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)))
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(err(path)(e));
+    }
+    if !durable {
+        return Ok(());
     }
     fs::File::open(dir)
         .and_then(|d| d.sync_all())

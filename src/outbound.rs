@@ -275,6 +275,11 @@ pub fn intake_pass(
         }
     }
     for claim in claims {
+        if cancel.is_cancelled() {
+            // A claim not taken in stays in .processing/ and is recovered
+            // at the next start.
+            break;
+        }
         match take_in(db, mailbox, &claim, Timestamp::now()) {
             Ok(IntakeOutcome::Stored(ids)) => stored += ids.len(),
             Ok(IntakeOutcome::Rejected(_)) => {}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{ArchiveError, write_durable};
+use crate::archive::{ArchiveError, write_atomic, write_durable};
 use crate::store::DispatchDetail;
 
 /// The name of the record that lets `reindex` rebuild a dispatch.
@@ -121,15 +121,33 @@ pub fn folder(sent_root: &Path, at: Timestamp, dispatch_id: &str) -> PathBuf {
 /// # Errors
 /// File-system failures.
 pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    // The levels that do not exist yet, deepest first.
+    let mut new_levels = Vec::new();
+    let mut d = dir.to_path_buf();
+    while d.starts_with(root) && !d.is_dir() {
+        new_levels.push(d.clone());
+        if !d.pop() {
+            break;
+        }
+    }
     fs::create_dir_all(dir).map_err(|e| ArchiveError {
         path: dir.to_owned(),
         source: e,
     })?;
-    let mut d = dir.to_path_buf();
-    while d.starts_with(root) && d != root {
-        let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o750));
-        if !d.pop() {
-            break;
+    for level in &new_levels {
+        let _ = fs::set_permissions(level, fs::Permissions::from_mode(0o750));
+        // Make the new entry durable in its parent: without this a power
+        // cut could lose a whole sent folder whose store row is committed.
+        if let Some(parent) = level.parent() {
+            fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ArchiveError {
+                    path: parent.to_owned(),
+                    source: e,
+                })?;
         }
     }
     Ok(())
@@ -225,7 +243,9 @@ pub fn write_status(dir: &Path, d: &DispatchDetail, now: Timestamp) -> Result<()
         );
     }
     let _ = writeln!(t, "\nAggiornato / Updated: {}", ts(now));
-    write_durable(&dir.join("status.txt"), t.as_bytes(), 0o640)?;
+    // Status files are derived from the store (rewritten at every change):
+    // atomic, but not fsync'd.
+    write_atomic(&dir.join("status.txt"), t.as_bytes(), 0o640)?;
     let json = serde_json::json!({
         "dispatch_id": row.id,
         "state": row.state,
@@ -246,7 +266,7 @@ pub fn write_status(dir: &Path, d: &DispatchDetail, now: Timestamp) -> Result<()
         "updated_at": ts(now),
     });
     let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
-    write_durable(&dir.join("status.json"), &bytes, 0o640)
+    write_atomic(&dir.join("status.json"), &bytes, 0o640)
 }
 
 #[cfg(test)]

@@ -239,6 +239,13 @@ pub fn scan(
             .unwrap_or(false)
     };
     let mut out = Vec::new();
+    // The CSV of each stem, found once (a lookup per envelope, not a scan:
+    // an outbox may hold thousands of letters).
+    let csv_by_stem: HashMap<&[u8], (&OsString, &Entry)> = entries
+        .iter()
+        .filter(|(n, e)| e.is_file_like && has_ext(n.as_bytes(), b".csv"))
+        .map(|(n, e)| (&n.as_bytes()[..n.len() - 4], (n, e)))
+        .collect();
     for (name, entry) in &entries {
         if !entry.is_file_like || is_ignored(name) || !has_ext(name.as_bytes(), b".toml") {
             continue;
@@ -247,12 +254,7 @@ pub fn scan(
             continue;
         }
         let stem = &name.as_bytes()[..name.len() - 5];
-        let csv = entries.iter().find(|(n, e)| {
-            e.is_file_like
-                && n.len() == stem.len() + 4
-                && n.as_bytes().starts_with(stem)
-                && has_ext(n.as_bytes(), b".csv")
-        });
+        let csv = csv_by_stem.get(stem).copied();
         let mut modified = entry.mtime;
         if let Some((_, e)) = csv {
             if !settled_for(e, settle) {
