@@ -95,7 +95,26 @@ fn create_dirs(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
 /// # Errors
 /// Any file-system failure.
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
-    write_file(path, bytes, mode, true)
+    write_file(path, bytes, mode, Durability::FileAndFolder)
+}
+
+/// Writes a file atomically and fsyncs it, but not its folder: for several
+/// files written into one folder, followed by one [`sync_folder`].
+///
+/// # Errors
+/// Any file-system failure.
+pub fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
+    write_file(path, bytes, mode, Durability::File)
+}
+
+/// Fsyncs a folder (makes the entries created in it durable).
+///
+/// # Errors
+/// The folder cannot be opened or synced.
+pub fn sync_folder(dir: &Path) -> Result<(), ArchiveError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err(dir))
 }
 
 /// Writes a file atomically (temporary file, rename) with `mode`, without
@@ -104,10 +123,22 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Archive
 /// # Errors
 /// Any file-system failure.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveError> {
-    write_file(path, bytes, mode, false)
+    write_file(path, bytes, mode, Durability::None)
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(), ArchiveError> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    None,
+    File,
+    FileAndFolder,
+}
+
+fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> Result<(), ArchiveError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -130,19 +161,23 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(),
         .map_err(err(&tmp))?;
     let result = f
         .write_all(bytes)
-        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
+        .and_then(|()| {
+            if durability == Durability::None {
+                Ok(())
+            } else {
+                f.sync_all()
+            }
+        })
         .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)))
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(err(path)(e));
     }
-    if !durable {
+    if durability != Durability::FileAndFolder {
         return Ok(());
     }
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err(dir))
+    sync_folder(dir)
 }
 
 #[cfg(test)]

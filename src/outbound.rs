@@ -192,7 +192,7 @@ fn prepare_sent_folder(
     sent::create_folder(&mailbox.sent, dir).map_err(|e| e.to_string())?;
     for doc in &letter.attachments {
         let bytes = std::fs::read(&doc.path).map_err(|e| format!("{}: {e}", doc.path.display()))?;
-        crate::archive::write_durable(&dir.join(&doc.name), &bytes, 0o640)
+        crate::archive::write_synced(&dir.join(&doc.name), &bytes, 0o640)
             .map_err(|e| e.to_string())?;
     }
     let record = DispatchRecord {
@@ -225,7 +225,9 @@ fn prepare_sent_folder(
         },
         attempts: Vec::new(),
     };
-    sent::write_record(dir, &record).map_err(|e| e.to_string())
+    sent::write_record(dir, &record).map_err(|e| e.to_string())?;
+    // One folder fsync for the documents and dispatch.json together.
+    crate::archive::sync_folder(dir).map_err(|e| e.to_string())
 }
 
 /// One pass over the outbox: recovers claims left by a crash (first pass
@@ -576,7 +578,9 @@ impl Sender {
                 eml_sha256: a.eml_sha256.clone(),
             })
             .collect();
-        if let Err(e) = sent::write_record(dir, &record) {
+        if let Err(e) =
+            sent::write_record(dir, &record).and_then(|()| crate::archive::sync_folder(dir))
+        {
             warn!({ field::DISPATCH_ID } = %id, { field::ERROR } = %e, "cannot update dispatch.json");
         }
         if let Err(e) = sent::write_status(dir, &detail, Timestamp::now()) {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{ArchiveError, write_atomic, write_durable};
+use crate::archive::{ArchiveError, write_atomic, write_synced};
 use crate::store::DispatchDetail;
 
 /// The name of the record that lets `reindex` rebuild a dispatch.
@@ -153,13 +153,14 @@ pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// Writes `dispatch.json`.
+/// Writes `dispatch.json` (the file is fsync'd; the caller fsyncs the
+/// folder, once for all the files it wrote there: `archive::sync_folder`).
 ///
 /// # Errors
 /// File-system failures.
 pub fn write_record(dir: &Path, record: &DispatchRecord) -> Result<(), ArchiveError> {
     let json = serde_json::to_vec_pretty(record).unwrap_or_default();
-    write_durable(&dir.join(DISPATCH_JSON), &json, 0o640)
+    write_synced(&dir.join(DISPATCH_JSON), &json, 0o640)
 }
 
 /// Reads `dispatch.json`.
