@@ -37,21 +37,13 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
     }
 }
 
-/// Lowercase hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    openssl::sha::sha256(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Stores `bytes` under `root` (idempotent: an existing file with this name
 /// is left as it is) and makes it durable: file and folder fsync'd.
 ///
 /// # Errors
 /// Any file-system failure.
 pub fn store(root: &Path, bytes: &[u8]) -> Result<Archived, ArchiveError> {
-    let sha = sha256_hex(bytes);
+    let sha = crate::store::sha256_hex(bytes);
     let relative = format!("{}/{}/{sha}.eml", &sha[..2], &sha[2..4]);
     let path = root.join(&relative);
     let size = bytes.len() as u64;
@@ -64,7 +56,7 @@ pub fn store(root: &Path, bytes: &[u8]) -> Result<Archived, ArchiveError> {
         });
     }
     let dir = path.parent().unwrap_or(root).to_owned();
-    create_dirs(root, &dir)?;
+    create_folder(root, &dir)?;
     write_durable(&path, bytes, 0o640)?;
     Ok(Archived {
         sha256: sha,
@@ -74,16 +66,38 @@ pub fn store(root: &Path, bytes: &[u8]) -> Result<Archived, ArchiveError> {
     })
 }
 
-fn create_dirs(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
+/// Creates a folder (and its parents under `root`) with mode 0750.
+///
+/// # Errors
+/// File-system failures.
+pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::create_dir_all(dir).map_err(err(dir))?;
+    // The levels that do not exist yet, deepest first.
+    let mut new_levels = Vec::new();
     let mut d = dir.to_path_buf();
-    while d.starts_with(root) && d != root {
-        let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o750));
+    while d.starts_with(root) && !d.is_dir() {
+        new_levels.push(d.clone());
         if !d.pop() {
             break;
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| ArchiveError {
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    for level in &new_levels {
+        let _ = fs::set_permissions(level, fs::Permissions::from_mode(0o750));
+        // Make the new entry durable in its parent: without this a power
+        // cut could lose a whole sent folder whose store row is committed.
+        if let Some(parent) = level.parent() {
+            fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ArchiveError {
+                    path: parent.to_owned(),
+                    source: e,
+                })?;
         }
     }
     Ok(())

@@ -53,11 +53,11 @@ pub fn run(
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     for m in config.mailboxes.values() {
         for dir in [&m.outbox, &m.sent, &m.inbox] {
-            crate::sent::create_folder(dir, dir)
+            crate::archive::create_folder(dir, dir)
                 .with_context(|| format!("mailbox {}: creating {}", m.name, dir.display()))?;
         }
     }
-    crate::sent::create_folder(&config.store.archive, &config.store.archive)
+    crate::archive::create_folder(&config.store.archive, &config.store.archive)
         .with_context(|| format!("creating {}", config.store.archive.display()))?;
     let store = Store::open(&config.store.database)
         .await

@@ -623,7 +623,7 @@ impl Job<'_, '_> {
     ) -> Result<(), IngestError> {
         let dir = PathBuf::from(&detail.dispatch.sent_dir);
         let result = (|| -> Result<(), ArchiveError> {
-            sent::create_folder(&self.ctx.mailbox.sent, &dir)?;
+            crate::archive::create_folder(&self.ctx.mailbox.sent, &dir)?;
             let name = receipt_file_name(&dir, self.ins.kind(), d.consegna.as_deref(), self.raw)
                 .map_err(|source| ArchiveError {
                     path: dir.clone(),
@@ -1309,7 +1309,7 @@ fn place_folder(
     raw: &[u8],
     files: &[(String, Vec<u8>)],
 ) -> Result<PathBuf, ArchiveError> {
-    sent::create_folder(root, month)?;
+    crate::archive::create_folder(root, month)?;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ArchiveError { path, source }

@@ -17,11 +17,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use jiff::Timestamp;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -189,7 +187,7 @@ fn prepare_sent_folder(
     dir: &Path,
     now: Timestamp,
 ) -> Result<(), String> {
-    sent::create_folder(&mailbox.sent, dir).map_err(|e| e.to_string())?;
+    crate::archive::create_folder(&mailbox.sent, dir).map_err(|e| e.to_string())?;
     for doc in &letter.attachments {
         let bytes = std::fs::read(&doc.path).map_err(|e| format!("{}: {e}", doc.path.display()))?;
         crate::archive::write_synced(&dir.join(&doc.name), &bytes, 0o640)
@@ -430,7 +428,7 @@ impl Sender {
             .saturating_add(1);
         let mut rnd = [0u8; 6];
         openssl::rand::rand_bytes(&mut rnd).map_err(|e| e.to_string())?;
-        let rnd: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let rnd = store::hex(&rnd);
         let message_id = format!("{id}.{n}.{rnd}@{}", self.hostname);
         let mut documents = Vec::new();
         for d in &record.envelope.attachments {
@@ -608,6 +606,3 @@ pub async fn recover_sending(store: &Store) -> Result<usize, String> {
         .await
         .map_err(|e| e.to_string())
 }
-
-/// Wakes the sender when the intake stored something.
-pub type Wake = Arc<Notify>;

@@ -8,7 +8,6 @@
 //! 0640; folders 0750.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -100,10 +99,8 @@ pub struct DispatchRecord {
     pub attempts: Vec<AttemptRecord>,
 }
 
-/// RFC 3339 UTC, seconds.
-pub fn ts(t: Timestamp) -> String {
-    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+/// RFC 3339 UTC, seconds (the one formatter: `verify::rfc3339`).
+pub use crate::verify::rfc3339 as ts;
 
 /// `sent/YYYY/MM/<dispatch-id>` for a letter taken in at `at` (month in
 /// Europe/Rome, the clerks' calendar).
@@ -114,43 +111,6 @@ pub fn folder(sent_root: &Path, at: Timestamp, dispatch_id: &str) -> PathBuf {
         .join(format!("{:04}", local.year()))
         .join(format!("{:02}", local.month()))
         .join(dispatch_id)
-}
-
-/// Creates a folder (and its parents under `root`) with mode 0750.
-///
-/// # Errors
-/// File-system failures.
-pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    // The levels that do not exist yet, deepest first.
-    let mut new_levels = Vec::new();
-    let mut d = dir.to_path_buf();
-    while d.starts_with(root) && !d.is_dir() {
-        new_levels.push(d.clone());
-        if !d.pop() {
-            break;
-        }
-    }
-    fs::create_dir_all(dir).map_err(|e| ArchiveError {
-        path: dir.to_owned(),
-        source: e,
-    })?;
-    for level in &new_levels {
-        let _ = fs::set_permissions(level, fs::Permissions::from_mode(0o750));
-        // Make the new entry durable in its parent: without this a power
-        // cut could lose a whole sent folder whose store row is committed.
-        if let Some(parent) = level.parent() {
-            fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| ArchiveError {
-                    path: parent.to_owned(),
-                    source: e,
-                })?;
-        }
-    }
-    Ok(())
 }
 
 /// Writes `dispatch.json` (the file is fsync'd; the caller fsyncs the

@@ -124,8 +124,8 @@ imap = {{ host = "imaps.pec.example.it", password_env = "PW" }}
     fn letter(&mut self, recipients: &[(&str, Field)], uncertain: bool) -> Letter {
         let id = store::new_dispatch_id(self.now.as_millisecond() as u64);
         let sent_dir = pecgate::sent::folder(&self.mailbox.sent, self.now, &id);
-        pecgate::sent::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
-        let content_hash = pecgate::archive::sha256_hex(id.as_bytes());
+        pecgate::archive::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
+        let content_hash = pecgate::store::sha256_hex(id.as_bytes());
         self.db
             .insert_dispatch(&NewDispatch {
                 id: id.clone(),
@@ -593,7 +593,7 @@ fn incoming_mail_is_unpacked_with_safe_names() {
             .unwrap()
             .contains("VALIDA")
     );
-    let sha = pecgate::archive::sha256_hex(&raw);
+    let sha = pecgate::store::sha256_hex(&raw);
     assert!(env.db.incoming(&sha).unwrap().is_some());
     assert!(matches!(env.ingest(&raw), IngestOutcome::Duplicate { .. }));
     // Forged incoming mail is quarantined, not unpacked.

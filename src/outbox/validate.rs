@@ -506,15 +506,7 @@ pub fn content_hash(letter: &Letter) -> String {
     hex(&h.finish())
 }
 
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub(crate) use crate::store::hex;
 
 // ---------------------------------------------------------------------------
 // Addresses

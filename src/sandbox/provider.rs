@@ -510,10 +510,7 @@ async fn refuse(inner: &Inner, sender: &str, signer: usize, composed: Composed, 
 
 /// SHA-1 hex of a part, for breve receipts.
 fn sha1_hex(bytes: &[u8]) -> String {
-    openssl::sha::sha1(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::store::hex(&openssl::sha::sha1(bytes))
 }
 
 /// An ordinary sender: plain delivery to ordinary mailboxes, anomaly

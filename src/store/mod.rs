@@ -45,7 +45,7 @@ mod tx;
 
 use jiff::Timestamp;
 
-pub use chain::{ChainReport, GENESIS_HASH, sha256_hex};
+pub use chain::{ChainReport, GENESIS_HASH, hex, sha256_hex};
 pub use db::{Db, MIGRATIONS, Pragmas, SCHEMA_VERSION};
 pub use error::StoreError;
 pub use handle::Store;
