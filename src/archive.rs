@@ -66,13 +66,29 @@ pub fn store(root: &Path, bytes: &[u8]) -> Result<Archived, ArchiveError> {
     })
 }
 
-/// Creates a folder (and its parents under `root`) with mode 0750.
+/// Creates a folder (and its parents under `root`) with mode 0750, and makes
+/// every new level durable in its parent.
 ///
 /// # Errors
 /// File-system failures.
 pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
+    for parent in create_folder_unsynced(root, dir)? {
+        sync_folder(&parent)?;
+    }
+    Ok(())
+}
+
+/// Creates a folder (and its parents under `root`) with mode 0750 like
+/// [`create_folder`], but returns the folders that must be fsync'd to make
+/// the new levels durable (the parent of each new level) instead of syncing
+/// them: a caller creating many folders syncs each parent once
+/// ([`sync_all`]) before anything depends on them.
+///
+/// # Errors
+/// File-system failures.
+pub fn create_folder_unsynced(root: &Path, dir: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
     if dir.is_dir() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // The levels that do not exist yet, deepest first.
     let mut new_levels = Vec::new();
@@ -87,20 +103,73 @@ pub fn create_folder(root: &Path, dir: &Path) -> Result<(), ArchiveError> {
         path: dir.to_owned(),
         source: e,
     })?;
+    let mut parents = Vec::new();
     for level in &new_levels {
         let _ = fs::set_permissions(level, fs::Permissions::from_mode(0o750));
-        // Make the new entry durable in its parent: without this a power
-        // cut could lose a whole sent folder whose store row is committed.
+        // The new entry must be made durable in its parent: without that a
+        // power cut could lose a whole sent folder whose store row is
+        // committed.
         if let Some(parent) = level.parent() {
-            fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| ArchiveError {
-                    path: parent.to_owned(),
-                    source: e,
-                })?;
+            parents.push(parent.to_owned());
         }
     }
-    Ok(())
+    Ok(parents)
+}
+
+/// How many fsyncs [`sync_all`] issues at once. The file system's journal
+/// (or the virtual disk's queue) serves concurrent fsyncs together: on the
+/// benchmark VM eight at once cost 0.14 ms each instead of 0.31 ms.
+pub const SYNC_THREADS: usize = 8;
+
+/// Fsyncs every file and folder of `paths` (each once, duplicates skipped),
+/// up to [`SYNC_THREADS`] at a time, and returns when all are durable. The
+/// order among them does not matter: callers depend on the set as a whole
+/// only after this returns.
+///
+/// # Errors
+/// The first file or folder that could not be opened or synced (the others
+/// are still tried).
+pub fn sync_all(paths: &[PathBuf]) -> Result<(), ArchiveError> {
+    let mut unique: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    let threads = SYNC_THREADS.min(unique.len());
+    if threads <= 1 {
+        return unique.iter().try_for_each(|p| sync_path(p));
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error: std::sync::Mutex<Option<ArchiveError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(path) = unique.get(i) else { break };
+                    if let Err(e) = sync_path(path)
+                        && let Ok(mut slot) = first_error.lock()
+                    {
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(ArchiveError {
+            path: PathBuf::from(unique[0]),
+            source: std::io::Error::other("fsync worker failed"),
+        }),
+    }
+}
+
+/// Fsyncs one file or folder (opened read-only: Linux syncs the inode
+/// whatever the open mode).
+fn sync_path(path: &Path) -> Result<(), ArchiveError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(err(path))
 }
 
 /// Writes a file durably: temporary file, write_all, fsync, rename, fsync
@@ -126,9 +195,7 @@ pub fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ArchiveE
 /// # Errors
 /// The folder cannot be opened or synced.
 pub fn sync_folder(dir: &Path) -> Result<(), ArchiveError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err(dir))
+    sync_path(dir)
 }
 
 /// Writes a file atomically (temporary file, rename) with `mode`, without

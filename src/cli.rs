@@ -46,6 +46,110 @@ pub enum Command {
     Run,
     /// List letters (dispatches) and their recipients.
     List(ListArgs),
+    /// Show one letter's timeline: every event and receipt with its verdict.
+    Show(ShowArgs),
+    /// Decide about an uncertain letter (safe while the daemon runs).
+    Resolve(ResolveArgs),
+    /// Check the configuration, folders, trust anchors and passwords
+    /// (--connect: also TLS and login on every server). Exit 0 ok, 78
+    /// configuration unusable, 69 a server unreachable or login refused.
+    CheckConfig(CheckConfigArgs),
+    /// Per mailbox: letters by state, stale, uncertain, quarantined, last sync, backlog
+    /// (read-only, safe while the daemon runs).
+    Status(StatusArgs),
+    /// What PEC did in one month: letters, deliveries, paper fallback, money saved.
+    Report(ReportArgs),
+    /// Write a complete, consistent backup (database, archive, sent and inbox folders)
+    /// into a new or empty directory (safe while the daemon runs).
+    Backup(BackupArgs),
+    /// Put a backup back after checking every file (the daemon must be stopped).
+    Restore(RestoreArgs),
+    /// See it all work: a sandbox, the gateway, sample letters followed to their receipts.
+    Demo(DemoArgs),
+    /// Rebuild a lost database from the sent folders (dispatch.json) and the archive
+    /// (the daemon must be stopped). Exit 0 everything restored, 1 problems listed.
+    Reindex(ReindexArgs),
+}
+
+/// Arguments of `pecgate check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Also connect to every SMTP and IMAP server: TLS handshake and login.
+    #[arg(long)]
+    pub connect: bool,
+    /// Limit on each network step with --connect, in seconds (the servers'
+    /// own timeout_seconds applies when shorter).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// Runs `pecgate check-config`.
+///
+/// # Errors
+/// A configuration that does not load (exit 78), a bad `--timeout`, or a
+/// failure to write the report.
+pub fn run_check_config(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        anyhow::bail!(
+            "--timeout must be a number of seconds between 0 and 3600 (got {})",
+            args.timeout
+        );
+    }
+    crate::check::run(
+        config,
+        crate::check::Options {
+            connect: args.connect,
+            timeout: std::time::Duration::from_secs_f64(args.timeout),
+        },
+    )
+}
+
+/// Arguments of `pecgate show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A dispatch id, the Message-ID of any attempt, a protocol number or
+    /// the provider's identificativo.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+    /// One JSON object per letter instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `pecgate resolve`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("decision").required(true).args(["resend", "mark_sent"])))]
+pub struct ResolveArgs {
+    /// The uncertain letter's dispatch id.
+    #[arg(value_name = "DISPATCH_ID")]
+    pub dispatch_id: String,
+    /// Send it again, with a new Message-ID (the provider did not get it).
+    #[arg(long)]
+    pub resend: bool,
+    /// Declare it sent (the provider's webmail shows it was accepted).
+    #[arg(long)]
+    pub mark_sent: bool,
+}
+
+/// Runs `pecgate show`.
+///
+/// # Errors
+/// Configuration or store failures.
+pub fn run_show(config: Option<&Path>, args: &ShowArgs) -> anyhow::Result<ExitCode> {
+    crate::timeline::run_show(config, &args.key, args.json)
+}
+
+/// Runs `pecgate resolve`.
+///
+/// # Errors
+/// Configuration or store failures.
+pub fn run_resolve(config: Option<&Path>, args: &ResolveArgs) -> anyhow::Result<ExitCode> {
+    let what = if args.resend {
+        crate::timeline::Resolution::Resend
+    } else {
+        crate::timeline::Resolution::MarkSent
+    };
+    crate::timeline::run_resolve(config, &args.dispatch_id, what)
 }
 
 /// Arguments of `pecgate list`.
@@ -482,7 +586,16 @@ pub fn run_sandbox(args: &SandboxArgs) -> anyhow::Result<ExitCode> {
 pub fn run_list(config: Option<&Path>, args: &ListArgs) -> anyhow::Result<ExitCode> {
     use std::ops::ControlFlow;
     let (config, _) = crate::config::Config::load(config)?;
-    let db = crate::store::Db::open(&config.store.database)?;
+    // Read-only: never creates a database (an empty one would make
+    // `pecgate reindex` refuse) and never competes with the daemon's writes.
+    if !config.store.database.exists() {
+        eprintln!(
+            "pecgate list: no database yet at {} (the daemon creates it): no letters",
+            config.store.database.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let db = crate::store::Db::open_read_only(&config.store.database)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let mut failure: Option<io::Error> = None;
@@ -545,5 +658,233 @@ pub fn list_json(d: &crate::store::DispatchDetail) -> serde_json::Value {
             "certified": x.certified,
             "state": x.state,
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// Arguments of `pecgate status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `pecgate report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The month of submission, YYYY-MM (Europe/Rome).
+    #[arg(long, value_name = "YYYY-MM")]
+    pub month: crate::report::Month,
+    /// One JSON object.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// CSV: one row per recipient to reach on paper.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+/// Arguments of `pecgate backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The backup directory: new or empty.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+}
+
+/// Arguments of `pecgate restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A backup directory written by `pecgate backup` (or a scheduled backup).
+    #[arg(value_name = "SRC")]
+    pub src: PathBuf,
+    /// Replace an existing database, and files whose content differs from the backup's.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `pecgate status`.
+///
+/// # Errors
+/// Configuration or store failures, or a failure to write the output.
+pub fn run_status(config: Option<&Path>, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let (config, _) = crate::config::Config::load(config)?;
+    let db = crate::store::Db::open_read_only(&config.store.database)?;
+    let status = crate::status::collect(&config, &db, jiff::Timestamp::now())?;
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string(&status)?)
+    } else {
+        crate::status::render_human(&status)
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `pecgate report`.
+///
+/// # Errors
+/// Configuration or store failures, or a failure to write the output.
+pub fn run_report(config: Option<&Path>, args: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let (config, _) = crate::config::Config::load(config)?;
+    let db = crate::store::Db::open_read_only(&config.store.database)?;
+    let price = config.report.unit_price_cents;
+    let names: Vec<String> = config.mailboxes.keys().cloned().collect();
+    let report = crate::report::load(&db, args.month, price, &names)?;
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string(&report)?)
+    } else if args.csv {
+        crate::report::render_csv(&report)?
+    } else {
+        crate::report::render_human(&report, price)
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `pecgate backup`.
+///
+/// # Errors
+/// Configuration, store or file-system failures; a non-empty DEST.
+pub fn run_backup(config: Option<&Path>, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+    let (config, _) = crate::config::Config::load(config)?;
+    let s = crate::backup::backup(&config, &args.dest, jiff::Timestamp::now())?;
+    println!(
+        "backup written to {}: {} files, {} bytes ({} lists them)",
+        s.dest.display(),
+        s.files,
+        s.bytes,
+        crate::backup::MANIFEST
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `pecgate restore`.
+///
+/// # Errors
+/// A corrupt backup (nothing touched), a refusal (daemon running, existing
+/// database without --force), configuration or file-system failures.
+pub fn run_restore(config: Option<&Path>, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let (config, _) = crate::config::Config::load(config)?;
+    let s = crate::backup::restore(&config, &args.src, args.force)?;
+    println!(
+        "restored from {}: {} files written ({} bytes), {} already in place; database {}",
+        args.src.display(),
+        s.written,
+        s.bytes,
+        s.unchanged,
+        config.store.database.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `pecgate demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory for the sandbox, the gateway's files and the letters
+    /// (created if missing, reused if present; default: a new directory
+    /// under the system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Exit by itself once every letter is final: 0, or 1 when the timeout
+    /// passes first.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Seconds to wait for every letter to be final after they are dropped.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::demo::DEFAULT_TIMEOUT.as_secs_f64())]
+    pub timeout: f64,
+}
+
+/// Runs `pecgate demo`.
+///
+/// # Errors
+/// A bad `--timeout`; start-up failures (Dovecot missing, the directory,
+/// the gateway).
+pub fn run_demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 86_400.0) {
+        anyhow::bail!(
+            "--timeout must be a number of seconds between 0 and 86400 (got {})",
+            args.timeout
+        );
+    }
+    crate::demo::run(&crate::demo::DemoOptions {
+        dir: args.dir.clone(),
+        exit_when_done: args.exit_when_done,
+        timeout: std::time::Duration::from_secs_f64(args.timeout),
+    })
+}
+
+/// Arguments of `pecgate reindex`.
+#[derive(Debug, Args)]
+pub struct ReindexArgs {
+    /// Move an existing database (and its -wal/-shm) aside to
+    /// `<db>.before-reindex-<time>` and rebuild anyway (nothing is deleted).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `pecgate reindex`: exit 0 when everything was restored, 1 when some
+/// file could not be (listed).
+///
+/// # Errors
+/// Configuration or trust anchor problems, a refusal (a database exists
+/// without --force, the daemon holds it), or a failure that stopped the
+/// rebuild (no database is left then).
+pub fn run_reindex(config: Option<&Path>, args: &ReindexArgs) -> anyhow::Result<ExitCode> {
+    let (config, _) = crate::config::Config::load(config)?;
+    let anchors = if config.trust.anchors.is_empty() {
+        TrustAnchors::builtin()?
+    } else {
+        TrustAnchors::from_dirs(&config.trust.anchors)?
+    };
+    let verifier = Verifier::new(anchors);
+    let options = crate::reindex::Options { force: args.force };
+    let s = crate::reindex::reindex(&config, &verifier, options, jiff::Timestamp::now())?;
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string(&s)?)
+    } else {
+        use std::fmt::Write as _;
+        let mut t = String::new();
+        let _ = writeln!(t, "database rebuilt: {}", s.database);
+        for m in &s.moved_aside {
+            let _ = writeln!(t, "  moved aside: {m}");
+        }
+        let _ = writeln!(
+            t,
+            "  letters restored: {} ({} attempts; {} in progress when recorded, now uncertain)",
+            s.letters, s.attempts, s.uncertain
+        );
+        let _ = writeln!(t, "  sent messages: {}", s.sent_messages);
+        let _ = writeln!(t, "  receipts applied: {}", s.receipts_applied);
+        let _ = writeln!(t, "  orphan receipts: {}", s.orphans);
+        let _ = writeln!(t, "  quarantined: {}", s.quarantined);
+        let _ = writeln!(
+            t,
+            "  incoming certified mail: {} (anomalies: {})",
+            s.incoming, s.anomalies
+        );
+        let _ = writeln!(t, "  other messages: {}", s.other_messages);
+        if s.problems.is_empty() {
+            let _ = writeln!(t, "everything was restored");
+        } else {
+            let _ = writeln!(t, "problems ({}):", s.problems.len());
+            for p in &s.problems {
+                let _ = writeln!(t, "  {}: {}", p.path, p.problem);
+            }
+        }
+        t
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(if s.is_complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }

@@ -194,8 +194,9 @@ impl fmt::Display for Secret {
 /// How log lines are written (see `telemetry::resolve_format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum LogFormat {
-    /// JSON under systemd (`JOURNAL_STREAM` set) or when stderr is not a
-    /// terminal, human-readable otherwise.
+    /// JSON under systemd (`JOURNAL_STREAM` naming stderr, or
+    /// `INVOCATION_ID` set) or when stderr is not a terminal,
+    /// human-readable otherwise.
     #[default]
     Auto,
     /// One JSON object per line, fields at the top level.
@@ -316,6 +317,8 @@ pub struct RawConfig {
 pub struct RawGateway {
     /// Right-hand side of generated Message-IDs.
     pub hostname: Option<String>,
+    /// Seconds `pecgate run` waits for work in progress after SIGTERM.
+    pub stop_timeout_seconds: Option<f64>,
 }
 
 /// `[store]` as written.
@@ -585,6 +588,10 @@ pub struct GatewayConfig {
     /// (`<dispatch-id.random@HOSTNAME>`), lowercase. Default: the machine's
     /// host name, else `localhost`.
     pub hostname: String,
+    /// After SIGTERM/SIGINT, how long `pecgate run` lets work in progress
+    /// (an SMTP transaction, an ingest) finish before exiting anyway.
+    /// Default 30 s (keep it below the unit's `TimeoutStopSec`).
+    pub stop_timeout: Duration,
 }
 
 /// `[store]`: where state and evidence are kept.
@@ -697,8 +704,9 @@ impl Default for LoggingConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportConfig {
     /// Price of one raccomandata A/R that a PEC message replaces, in euro
-    /// cents (the file says `unit_price_eur = 5.40`); reports multiply it by
-    /// the number of delivered dispatches. Default 540.
+    /// cents (the file says `unit_price_eur = 5.40`); `pecgate report`
+    /// multiplies it by the number of delivered certified recipients (one
+    /// raccomandata each). Default 540.
     pub unit_price_cents: u64,
 }
 
@@ -710,7 +718,8 @@ impl Default for ReportConfig {
     }
 }
 
-/// `[backup]`: scheduled consistent copies of the database.
+/// `[backup]`: scheduled backups (see `crate::backup::run_scheduled`): a
+/// consistent copy of the database plus the archive, sent and inbox folders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupConfig {
     /// Directory that receives the backups (absolute).
@@ -1294,7 +1303,16 @@ impl RawConfig {
                 },
                 None => machine_hostname(),
             };
-            GatewayConfig { hostname }
+            let stop_timeout = c.duration(
+                "gateway.stop_timeout_seconds",
+                self.gateway.as_ref().and_then(|g| g.stop_timeout_seconds),
+                30.0,
+                1.0,
+            );
+            GatewayConfig {
+                hostname,
+                stop_timeout,
+            }
         };
 
         let store = {

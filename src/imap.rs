@@ -48,6 +48,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
 pub const AUTH_RETRY: Duration = Duration::from_secs(30 * 60);
 /// Messages fetched per `UID FETCH` by [`run`].
 pub const DEFAULT_BATCH: usize = 20;
+/// Messages fetched per `UID FETCH`, and handed over together, by
+/// [`run_batched`]: large enough that a backlog costs a few hundred
+/// commits, not thousands (about 2 MB of receipts at a time).
+pub const LARGE_BATCH: usize = 250;
 /// UIDs per command in [`apply_retention`] (keeps command lines short).
 const RETENTION_CHUNK: usize = 200;
 
@@ -92,6 +96,11 @@ pub struct Fetched {
 pub enum SyncEvent {
     /// A new message (UID above the cursor).
     Message(Fetched),
+    /// New messages, in UID order, as one fetch returned them
+    /// ([`sync_once_batched`], [`run_batched`] only): the handler records
+    /// them together; the cursor moves past the last one when it returns
+    /// `Ok`.
+    Messages(Vec<Fetched>),
     /// The folder's UIDVALIDITY is not the cursor's: every UID known so far
     /// is meaningless; all messages follow again from UID 1.
     UidValidityChanged {
@@ -552,6 +561,44 @@ where
     F: FnMut(SyncEvent) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
+    sync_inner(session, folder, cursor, read_only, batch, false, emit).await
+}
+
+/// [`sync_once`], but the messages of each fetch of `batch` go to `emit`
+/// together as one [`SyncEvent::Messages`], and the next batch is fetched
+/// while `emit` handles the previous one (the server's time overlaps the
+/// caller's). The cursor moves past a batch when `emit` accepted it.
+///
+/// # Errors
+/// As [`sync_once`].
+pub async fn sync_once_batched<F, Fut>(
+    session: &mut Session,
+    folder: &str,
+    cursor: &mut Cursor,
+    read_only: bool,
+    batch: usize,
+    emit: &mut F,
+) -> Result<(), ImapError>
+where
+    F: FnMut(SyncEvent) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    sync_inner(session, folder, cursor, read_only, batch, true, emit).await
+}
+
+async fn sync_inner<F, Fut>(
+    session: &mut Session,
+    folder: &str,
+    cursor: &mut Cursor,
+    read_only: bool,
+    batch: usize,
+    batched: bool,
+    emit: &mut F,
+) -> Result<(), ImapError>
+where
+    F: FnMut(SyncEvent) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
     let uidvalidity = open_folder(session, folder, read_only).await?;
     match cursor.uidvalidity {
         Some(old) if old != uidvalidity => {
@@ -576,16 +623,51 @@ where
     }
     let after = cursor.last_uid.unwrap_or(0);
     let uids = uids_after(session, after).await?;
-    for chunk in uids.chunks(batch.max(1)) {
-        for (uid, bytes) in fetch_bodies(session, chunk).await? {
-            emit(SyncEvent::Message(Fetched {
-                uid,
-                uidvalidity,
-                bytes,
-            }))
-            .await
-            .map_err(ImapError::Handler)?;
-            cursor.last_uid = Some(uid);
+    if batched {
+        let mut chunks = uids.chunks(batch.max(1));
+        let mut current = match chunks.next() {
+            Some(c) => fetch_bodies(session, c).await?,
+            None => Vec::new(),
+        };
+        while !current.is_empty() {
+            let fetched: Vec<Fetched> = std::mem::take(&mut current)
+                .into_iter()
+                .map(|(uid, bytes)| Fetched {
+                    uid,
+                    uidvalidity,
+                    bytes,
+                })
+                .collect();
+            let last = fetched.last().map(|f| f.uid);
+            let next = chunks.next();
+            // The next fetch runs while the handler records this batch.
+            let (handled, prefetched) = tokio::join!(emit(SyncEvent::Messages(fetched)), async {
+                match next {
+                    Some(c) => fetch_bodies(session, c).await,
+                    None => Ok(Vec::new()),
+                }
+            });
+            handled.map_err(ImapError::Handler)?;
+            cursor.last_uid = last.or(cursor.last_uid);
+            current = prefetched?;
+            // A chunk whose UIDs were all expunged meanwhile: go on.
+            while current.is_empty() {
+                let Some(c) = chunks.next() else { break };
+                current = fetch_bodies(session, c).await?;
+            }
+        }
+    } else {
+        for chunk in uids.chunks(batch.max(1)) {
+            for (uid, bytes) in fetch_bodies(session, chunk).await? {
+                emit(SyncEvent::Message(Fetched {
+                    uid,
+                    uidvalidity,
+                    bytes,
+                }))
+                .await
+                .map_err(ImapError::Handler)?;
+                cursor.last_uid = Some(uid);
+            }
         }
     }
     if session.caps.quota {
@@ -802,8 +884,41 @@ pub async fn run<F, Fut>(
     mailbox: &str,
     cfg: ImapConfig,
     cursor: Cursor,
+    handler: F,
+    cancel: CancellationToken,
+) -> Cursor
+where
+    F: FnMut(SyncEvent) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    run_inner(mailbox, cfg, cursor, handler, cancel, false).await
+}
+
+/// [`run`], with the messages handed over in batches of up to
+/// [`LARGE_BATCH`] ([`SyncEvent::Messages`], see [`sync_once_batched`]):
+/// what `pecgate run` uses, so that a backlog is recorded in a few large
+/// store transactions.
+pub async fn run_batched<F, Fut>(
+    mailbox: &str,
+    cfg: ImapConfig,
+    cursor: Cursor,
+    handler: F,
+    cancel: CancellationToken,
+) -> Cursor
+where
+    F: FnMut(SyncEvent) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    run_inner(mailbox, cfg, cursor, handler, cancel, true).await
+}
+
+async fn run_inner<F, Fut>(
+    mailbox: &str,
+    cfg: ImapConfig,
+    cursor: Cursor,
     mut handler: F,
     cancel: CancellationToken,
+    batched: bool,
 ) -> Cursor
 where
     F: FnMut(SyncEvent) -> Fut,
@@ -834,6 +949,11 @@ where
             }
             SyncEvent::Message(f) => {
                 tracing::debug!(mailbox, uid = f.uid, "message fetched");
+            }
+            SyncEvent::Messages(fs) => {
+                for f in fs {
+                    tracing::debug!(mailbox, uid = f.uid, "message fetched");
+                }
             }
             _ => {}
         }
@@ -871,12 +991,13 @@ where
             }
         };
         let failure = loop {
-            if let Err(e) = sync_once(
+            if let Err(e) = sync_inner(
                 &mut session,
                 &cfg.folder,
                 &mut cursor,
                 cfg.read_only,
-                DEFAULT_BATCH,
+                if batched { LARGE_BATCH } else { DEFAULT_BATCH },
+                batched,
                 &mut emit,
             )
             .await

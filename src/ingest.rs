@@ -214,6 +214,26 @@ impl Ingest {
         };
         ingest(db, &ctx, raw, source, now)
     }
+
+    /// [`ingest_batch`] with this path's verifier and archive. Blocking.
+    ///
+    /// # Errors
+    ///
+    /// As [`ingest_batch`].
+    pub fn ingest_batch(
+        &self,
+        db: &mut store::Db,
+        mailbox: &MailboxConfig,
+        items: &[(&[u8], Source)],
+        now: Timestamp,
+    ) -> Result<Vec<IngestOutcome>, IngestError> {
+        let ctx = Context {
+            mailbox,
+            archive: &self.archive_root,
+            verifier: &self.verifier,
+        };
+        ingest_batch(db, &ctx, items, now)
+    }
 }
 
 /// Takes one raw message in. Blocking (files, SQLite, openssl): call it on
@@ -249,7 +269,7 @@ pub fn ingest(
         { field::EVENT } = event::MESSAGE_ARCHIVED,
         { field::MAILBOX } = %mailbox,
         { field::PATH } = %archived.path.display(),
-        { field::UID } = ?source.uid,
+        { field::UID } = source.uid,
         sha256 = %sha,
         new,
         "message archived"
@@ -261,7 +281,7 @@ pub fn ingest(
             warn!(
                 { field::EVENT } = event::MESSAGE_UNREADABLE,
                 { field::MAILBOX } = %mailbox,
-                { field::UID } = ?source.uid,
+                { field::UID } = source.uid,
                 { field::ERROR } = %e,
                 sha256 = %sha,
                 "not a mail message; archived only"
@@ -396,178 +416,235 @@ impl Job<'_, '_> {
         );
         let id = db.write("ingest.quarantine", |tx| tx.record_receipt(&r))?;
         if id.is_none() {
-            return Ok(IngestOutcome::Duplicate {
-                sha256: self.sha.to_owned(),
-            });
+            return Ok(self.duplicate());
         }
+        Ok(self.log_quarantined(verdict, dispatch_id, reason))
+    }
+
+    fn duplicate(&self) -> IngestOutcome {
+        IngestOutcome::Duplicate {
+            sha256: self.sha.to_owned(),
+        }
+    }
+
+    /// The error line of a quarantined message (after its row is committed).
+    fn log_quarantined(
+        &self,
+        verdict: &Verdict,
+        dispatch_id: Option<String>,
+        reason: String,
+    ) -> IngestOutcome {
         let d = self.ins.daticert.as_ref();
         error!(
             { field::EVENT } = event::RECEIPT_QUARANTINED,
             { field::MAILBOX } = %self.mailbox(),
             { field::KIND } = %self.ins.kind(),
-            { field::DISPATCH_ID } = ?dispatch_id,
-            { field::IDENTIFICATIVO } = ?d.map(|d| d.identificativo.as_str()),
-            { field::MESSAGE_ID } = ?d.and_then(|d| d.msgid.as_deref()),
+            { field::DISPATCH_ID } = dispatch_id.as_deref(),
+            { field::IDENTIFICATIVO } = d.map(|d| d.identificativo.as_str()),
+            { field::MESSAGE_ID } = d.and_then(|d| d.msgid.as_deref()),
             { field::ERROR } = %reason,
             sha256 = %self.sha,
             verdict = verdict_name(verdict),
             "message quarantined: no state changed"
         );
-        Ok(IngestOutcome::Quarantined {
+        IngestOutcome::Quarantined {
             dispatch_id,
             reason,
-        })
+        }
     }
 
     // -- Receipts -------------------------------------------------------------
 
-    fn receipt(&self, db: &mut store::Db) -> Result<IngestOutcome, IngestError> {
-        let verdict = self.ctx.verifier.verify(self.ins, self.now);
+    /// What to do with a receipt, judged from the store as `r` sees it.
+    fn plan<R: Reads>(&self, r: &R, verdict: &Verdict) -> Result<Plan, IngestError> {
         let Some(d) = self.ins.daticert.as_ref() else {
             let why = self.ins.daticert_error.as_ref().map_or_else(
                 || "no daticert.xml".to_owned(),
                 |e| format!("daticert: {e}"),
             );
-            return self.quarantine(db, &verdict, None, why);
+            return Ok(Plan::Quarantine(None, why));
         };
-        let matched = match_receipt(db, self.ctx.mailbox, self.ins, d)?;
+        let matched = match_receipt(r, self.ctx.mailbox, self.ins, d)?;
         if !verdict.is_valid() {
             let id = match &matched {
                 Match::Dispatch(id) => Some(id.clone()),
                 Match::Problem(id, _) => id.clone(),
                 Match::Orphan => None,
             };
-            return self.quarantine(db, &verdict, id, verdict_reason(&verdict));
+            return Ok(Plan::Quarantine(id, verdict_reason(verdict)));
         }
         // The header and the signed daticert must agree on what this is.
         if let Some(dk) = d.kind()
             && dk != *self.ins.kind()
         {
-            return self.quarantine(
-                db,
-                &verdict,
+            return Ok(Plan::Quarantine(
                 None,
                 format!("header says {} but daticert says {dk}", self.ins.kind()),
-            );
+            ));
         }
         let dispatch_id = match matched {
             Match::Dispatch(id) => id,
-            Match::Problem(id, why) => return self.quarantine(db, &verdict, id, why),
-            Match::Orphan => return self.orphan(db, &verdict),
+            Match::Problem(id, why) => return Ok(Plan::Quarantine(id, why)),
+            Match::Orphan => return Ok(Plan::Orphan),
         };
         let facts = ReceiptFacts::from_daticert(
             self.ins.kind().clone(),
             d,
             self.ins.message.classification.virus,
         );
-
-        for _ in 0..MAX_RETRIES {
-            let detail = db.get(&dispatch_id)?.ok_or_else(|| IngestError::Corrupt {
+        let detail = r.get(&dispatch_id)?.ok_or_else(|| IngestError::Corrupt {
+            dispatch_id: dispatch_id.clone(),
+            reason: "matched but not found".into(),
+        })?;
+        let events = r.events_for(&dispatch_id)?;
+        let before =
+            dispatch_from_store(&detail, &events).map_err(|reason| IngestError::Corrupt {
                 dispatch_id: dispatch_id.clone(),
-                reason: "matched but not found".into(),
-            })?;
-            let events = db.events_for(&dispatch_id)?;
-            let before =
-                dispatch_from_store(&detail, &events).map_err(|reason| IngestError::Corrupt {
-                    dispatch_id: dispatch_id.clone(),
-                    reason,
-                })?;
-            let outcome = match before.apply(&Event::Receipt(facts.clone()), self.now) {
-                Ok(o) => o,
-                Err(rejected) => {
-                    return self.quarantine(
-                        db,
-                        &verdict,
-                        Some(dispatch_id.clone()),
-                        format!("the state machine refused it: {rejected}"),
-                    );
-                }
-            };
-            let noop = outcome.is_noop();
-            let reason = outcome.changes.iter().find_map(|c| match c {
-                Change::Ignored { reason, .. } => Some(reason.clone()),
-                _ => None,
-            });
-            let r = self.new_receipt(
-                &verdict,
-                Some(dispatch_id.clone()),
-                if noop { "duplicate" } else { "applied" },
                 reason,
-            );
+            })?;
+        match before.apply(&Event::Receipt(facts.clone()), self.now) {
+            Ok(outcome) => Ok(Plan::Apply(Box::new(Apply {
+                dispatch_id,
+                detail,
+                before,
+                outcome,
+                facts,
+            }))),
+            Err(rejected) => Ok(Plan::Quarantine(
+                Some(dispatch_id),
+                format!("the state machine refused it: {rejected}"),
+            )),
+        }
+    }
+
+    /// Writes an applied receipt inside `tx`: the receipt row, then every
+    /// change. `false`: these bytes were recorded before (nothing written).
+    fn write_apply(&self, tx: &Tx<'_>, verdict: &Verdict, a: &Apply) -> store::Result<bool> {
+        let noop = a.outcome.is_noop();
+        let reason = a.outcome.changes.iter().find_map(|c| match c {
+            Change::Ignored { reason, .. } => Some(reason.clone()),
+            _ => None,
+        });
+        let r = self.new_receipt(
+            verdict,
+            Some(a.dispatch_id.clone()),
+            if noop { "duplicate" } else { "applied" },
+            reason,
+        );
+        if tx.record_receipt(&r)?.is_none() {
+            return Ok(false);
+        }
+        write_outcome(
+            tx,
+            &WriteCtx {
+                dispatch_id: &a.dispatch_id,
+                mailbox: self.mailbox(),
+                cause: &self.cause(),
+                facts: &a.facts,
+                now: self.now,
+            },
+            &a.before,
+            &a.outcome,
+        )?;
+        Ok(true)
+    }
+
+    fn receipt(&self, db: &mut store::Db) -> Result<IngestOutcome, IngestError> {
+        let verdict = self.ctx.verifier.verify(self.ins, self.now);
+        let mut last_id = None;
+        for _ in 0..MAX_RETRIES {
+            let a = match self.plan(db, &verdict)? {
+                Plan::Quarantine(id, why) => return self.quarantine(db, &verdict, id, why),
+                Plan::Orphan => return self.orphan(db, &verdict),
+                Plan::Apply(a) => a,
+            };
             let written = db.write("ingest.apply", |tx| {
                 // Another writer (a CLI command) may have changed the
                 // dispatch since it was read: start again.
-                if tx.get(&dispatch_id)?.as_ref() != Some(&detail) {
+                if tx.get(&a.dispatch_id)?.as_ref() != Some(&a.detail) {
                     return Ok(Written::Stale);
                 }
-                if tx.record_receipt(&r)?.is_none() {
+                if !self.write_apply(tx, &verdict, &a)? {
                     return Ok(Written::AlreadyDone);
                 }
-                write_outcome(
-                    tx,
-                    &WriteCtx {
-                        dispatch_id: &dispatch_id,
-                        mailbox: self.mailbox(),
-                        cause: &self.cause(),
-                        facts: &facts,
-                        now: self.now,
-                    },
-                    &before,
-                    &outcome,
-                )?;
                 Ok(Written::Done)
             })?;
             match written {
-                Written::Stale => continue,
-                Written::AlreadyDone => {
-                    return Ok(IngestOutcome::Duplicate {
-                        sha256: self.sha.to_owned(),
-                    });
+                Written::Stale => {
+                    last_id = Some(a.dispatch_id);
+                    continue;
                 }
+                Written::AlreadyDone => return Ok(self.duplicate()),
                 Written::Done => {}
             }
-            self.log_applied(&dispatch_id, d, &outcome);
-            self.file_receipt(db, &detail, d)?;
-            return Ok(IngestOutcome::Applied {
-                dispatch_id,
-                kind: self.ins.kind().as_str().to_owned(),
-                changes: outcome.changes,
-            });
+            return Ok(self.finish_applied(db, *a));
         }
         Err(IngestError::Corrupt {
-            dispatch_id,
+            dispatch_id: last_id.unwrap_or_default(),
             reason: "the dispatch kept changing while the receipt was applied".into(),
         })
     }
 
-    fn orphan(&self, db: &mut store::Db, verdict: &Verdict) -> Result<IngestOutcome, IngestError> {
-        let r = self.new_receipt(
+    /// After the commit of an applied receipt: its log lines, the copy in
+    /// the sent folder and the status files.
+    fn finish_applied(&self, db: &store::Db, a: Apply) -> IngestOutcome {
+        if let Some(d) = self.ins.daticert.as_ref() {
+            self.log_applied(&a.dispatch_id, d, &a.outcome);
+        }
+        let filing = self.filing(&a);
+        file_receipts(db, self.ctx, std::slice::from_ref(&filing), self.now);
+        IngestOutcome::Applied {
+            dispatch_id: a.dispatch_id,
+            kind: self.ins.kind().as_str().to_owned(),
+            changes: a.outcome.changes,
+        }
+    }
+
+    /// What the sent folder needs of an applied receipt.
+    fn filing(&self, a: &Apply) -> Filing<'_> {
+        Filing {
+            dispatch_id: a.dispatch_id.clone(),
+            dir: PathBuf::from(&a.detail.dispatch.sent_dir),
+            kind: self.ins.kind().clone(),
+            consegna: self.ins.daticert.as_ref().and_then(|d| d.consegna.clone()),
+            raw: self.raw,
+        }
+    }
+
+    fn orphan_row(&self, verdict: &Verdict) -> NewReceipt {
+        self.new_receipt(
             verdict,
             None,
             "orphan",
             Some("no letter sent by pecgate matches its msgid or identificativo".into()),
-        );
+        )
+    }
+
+    fn orphan(&self, db: &mut store::Db, verdict: &Verdict) -> Result<IngestOutcome, IngestError> {
+        let r = self.orphan_row(verdict);
         if db
             .write("ingest.orphan", |tx| tx.record_receipt(&r))?
             .is_none()
         {
-            return Ok(IngestOutcome::Duplicate {
-                sha256: self.sha.to_owned(),
-            });
+            return Ok(self.duplicate());
         }
+        Ok(self.log_orphan())
+    }
+
+    fn log_orphan(&self) -> IngestOutcome {
         let d = self.ins.daticert.as_ref();
         warn!(
             { field::EVENT } = event::RECEIPT_UNMATCHED,
             { field::MAILBOX } = %self.mailbox(),
             { field::KIND } = %self.ins.kind(),
-            { field::IDENTIFICATIVO } = ?d.map(|d| d.identificativo.as_str()),
-            { field::MESSAGE_ID } = ?d.and_then(|d| d.msgid.as_deref()),
+            { field::IDENTIFICATIVO } = d.map(|d| d.identificativo.as_str()),
+            { field::MESSAGE_ID } = d.and_then(|d| d.msgid.as_deref()),
             sha256 = %self.sha,
             "receipt for a letter pecgate did not send (orphan)"
         );
-        Ok(IngestOutcome::Orphan {
+        IngestOutcome::Orphan {
             kind: self.ins.kind().as_str().to_owned(),
-        })
+        }
     }
 
     fn log_applied(&self, dispatch_id: &str, d: &Daticert, outcome: &Outcome) {
@@ -583,8 +660,8 @@ impl Job<'_, '_> {
                     { field::DISPATCH_ID } = %dispatch_id,
                     { field::KIND } = %kind,
                     { field::IDENTIFICATIVO } = %d.identificativo,
-                    { field::MESSAGE_ID } = ?d.msgid.as_deref(),
-                    { field::RECIPIENT } = ?recipient,
+                    { field::MESSAGE_ID } = d.msgid.as_deref(),
+                    { field::RECIPIENT } = recipient.as_deref(),
                     state,
                     changes,
                     $msg
@@ -610,52 +687,6 @@ impl Job<'_, '_> {
                 "every recipient has a final outcome"
             );
         }
-    }
-
-    /// Copies the receipt into the letter's sent folder and rewrites its
-    /// status files. Failures are logged, not returned: the state is
-    /// committed and the receipt is in the archive.
-    fn file_receipt(
-        &self,
-        db: &store::Db,
-        detail: &DispatchDetail,
-        d: &Daticert,
-    ) -> Result<(), IngestError> {
-        let dir = PathBuf::from(&detail.dispatch.sent_dir);
-        let result = (|| -> Result<(), ArchiveError> {
-            crate::archive::create_folder(&self.ctx.mailbox.sent, &dir)?;
-            let name = receipt_file_name(&dir, self.ins.kind(), d.consegna.as_deref(), self.raw)
-                .map_err(|source| ArchiveError {
-                    path: dir.clone(),
-                    source,
-                })?;
-            if let Some(name) = name {
-                write_durable(&dir.join(name), self.raw, FILE_MODE)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            error!(
-                { field::EVENT } = event::RECEIPT_QUARANTINED,
-                { field::MAILBOX } = %self.mailbox(),
-                { field::DISPATCH_ID } = %detail.dispatch.id,
-                { field::PATH } = %dir.display(),
-                { field::ERROR } = %e,
-                "cannot copy the receipt into the sent folder (it is in the archive)"
-            );
-        }
-        if let Some(now_detail) = db.get(&detail.dispatch.id)?
-            && let Err(e) = sent::write_status(&dir, &now_detail, self.now)
-        {
-            error!(
-                { field::MAILBOX } = %self.mailbox(),
-                { field::DISPATCH_ID } = %detail.dispatch.id,
-                { field::PATH } = %dir.display(),
-                { field::ERROR } = %e,
-                "cannot write the status files"
-            );
-        }
-        Ok(())
     }
 
     // -- Incoming certified mail ---------------------------------------------
@@ -830,6 +861,441 @@ impl Job<'_, '_> {
     }
 }
 
+/// What to do with a receipt ([`Job::plan`]).
+enum Plan {
+    /// Keep it aside: the dispatch it seemed to concern, and why.
+    Quarantine(Option<String>, String),
+    /// A valid receipt for no letter of ours.
+    Orphan,
+    /// Apply it to this dispatch.
+    Apply(Box<Apply>),
+}
+
+/// A receipt the state machine accepted, ready to be written.
+struct Apply {
+    dispatch_id: String,
+    /// The dispatch as read (the single-message path re-checks it in its
+    /// write transaction).
+    detail: DispatchDetail,
+    before: Dispatch,
+    outcome: Outcome,
+    facts: ReceiptFacts,
+}
+
+/// What matching and rebuilding a dispatch read: the store, or an open
+/// transaction (a batch applies each receipt after the previous ones).
+trait Reads {
+    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>>;
+    fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>>;
+    fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>>;
+}
+
+impl Reads for store::Db {
+    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>> {
+        store::Db::find(self, key)
+    }
+    fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>> {
+        store::Db::get(self, dispatch_id)
+    }
+    fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>> {
+        store::Db::events_for(self, dispatch_id)
+    }
+}
+
+impl Reads for Tx<'_> {
+    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>> {
+        Tx::find(self, key)
+    }
+    fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>> {
+        Tx::get(self, dispatch_id)
+    }
+    fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>> {
+        Tx::events_for(self, dispatch_id)
+    }
+}
+
+/// A receipt to copy into its letter's sent folder.
+struct Filing<'r> {
+    dispatch_id: String,
+    dir: PathBuf,
+    kind: Kind,
+    consegna: Option<String>,
+    raw: &'r [u8],
+}
+
+/// Runs `f` over `items` on up to [`archive::SYNC_THREADS`] threads (the
+/// disk serves concurrent fsyncs together); returns the first error.
+fn parallel<T: Sync, E: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let threads = archive::SYNC_THREADS.min(items.len());
+    if threads <= 1 {
+        return items.iter().try_for_each(f);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first: std::sync::Mutex<Option<E>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if let Err(e) = f(item)
+                        && let Ok(mut slot) = first.lock()
+                    {
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Copies applied receipts into their letters' sent folders
+/// (`NN-<kind>[-<recipient>].eml`, in order within a letter, letters in
+/// parallel; each file fsync'd before its rename, the folders once at the
+/// end), then rewrites each letter's status files once. Failures are
+/// logged, not returned: the states are committed and the receipts are in
+/// the archive.
+fn file_receipts(db: &store::Db, ctx: &Context<'_>, filings: &[Filing<'_>], now: Timestamp) {
+    let mailbox = ctx.mailbox.name.as_str();
+    let sent_root = &ctx.mailbox.sent;
+    // Receipts of one letter, in order.
+    let mut groups: Vec<Vec<&Filing<'_>>> = Vec::new();
+    for f in filings {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].dispatch_id == f.dispatch_id)
+        {
+            Some(g) => g.push(f),
+            None => groups.push(vec![f]),
+        }
+    }
+    let to_sync: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let _ = parallel(&groups, |group| -> Result<(), ()> {
+        let dir = &group[0].dir;
+        let result = (|| -> Result<(), ArchiveError> {
+            let mut dirs = archive::create_folder_unsynced(sent_root, dir)?;
+            for f in group {
+                let name = receipt_file_name(dir, &f.kind, f.consegna.as_deref(), f.raw).map_err(
+                    |source| ArchiveError {
+                        path: dir.clone(),
+                        source,
+                    },
+                )?;
+                if let Some(name) = name {
+                    archive::write_synced(&dir.join(name), f.raw, FILE_MODE)?;
+                    dirs.push(dir.clone());
+                }
+            }
+            if let Ok(mut v) = to_sync.lock() {
+                v.extend(dirs);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            error!(
+                { field::EVENT } = event::RECEIPT_QUARANTINED,
+                { field::MAILBOX } = %mailbox,
+                { field::DISPATCH_ID } = %group[0].dispatch_id,
+                { field::PATH } = %dir.display(),
+                { field::ERROR } = %e,
+                "cannot copy the receipt into the sent folder (it is in the archive)"
+            );
+        }
+        Ok(())
+    });
+    let dirs = to_sync.into_inner().unwrap_or_default();
+    if let Err(e) = archive::sync_all(&dirs) {
+        error!(
+            { field::EVENT } = event::RECEIPT_QUARANTINED,
+            { field::MAILBOX } = %mailbox,
+            { field::PATH } = %e.path.display(),
+            { field::ERROR } = %e,
+            "cannot copy the receipt into the sent folder (it is in the archive)"
+        );
+    }
+    for group in &groups {
+        let (id, dir) = (&group[0].dispatch_id, &group[0].dir);
+        let result = match db.get(id) {
+            Ok(Some(detail)) => sent::write_status(dir, &detail, now).map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            error!(
+                { field::MAILBOX } = %mailbox,
+                { field::DISPATCH_ID } = %id,
+                { field::PATH } = %dir.display(),
+                { field::ERROR } = %e,
+                "cannot write the status files"
+            );
+        }
+    }
+}
+
+/// Archives several messages: each new file written and fsync'd before its
+/// rename (in parallel), then every folder that gained an entry fsync'd
+/// once. Returns when all are durable, in the order of `raws`.
+fn archive_many(root: &Path, raws: &[&[u8]]) -> Result<Vec<archive::Archived>, ArchiveError> {
+    let archived: Vec<archive::Archived> = raws
+        .iter()
+        .map(|raw| {
+            let sha = store::sha256_hex(raw);
+            let relative = format!("{}/{}/{sha}.eml", &sha[..2], &sha[2..4]);
+            archive::Archived {
+                path: root.join(&relative),
+                sha256: sha,
+                relative,
+                size: raw.len() as u64,
+            }
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut to_write = Vec::new();
+    let mut dirs = Vec::new();
+    for (a, raw) in archived.iter().zip(raws) {
+        if !seen.insert(a.sha256.as_str()) || a.path.exists() {
+            continue;
+        }
+        let dir = a.path.parent().unwrap_or(root).to_owned();
+        dirs.extend(archive::create_folder_unsynced(root, &dir)?);
+        dirs.push(dir);
+        to_write.push((a.path.as_path(), *raw));
+    }
+    parallel(&to_write, |(path, raw)| {
+        archive::write_synced(path, raw, FILE_MODE)
+    })?;
+    archive::sync_all(&dirs)?;
+    Ok(archived)
+}
+
+/// The kinds a batch applies inside its transaction; the others (incoming
+/// mail, anomalies) take the single-message path after it.
+fn applied_in_batch(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Acceptance
+            | Kind::NonAcceptance
+            | Kind::TakenInCharge
+            | Kind::Delivery
+            | Kind::DeliveryError
+            | Kind::DeliveryTimeout
+            | Kind::VirusDetected
+            | Kind::Unknown(_)
+            | Kind::NotPec
+    )
+}
+
+/// What the batch transaction did with one message; logged and filed after
+/// the commit.
+enum Staged {
+    Unreadable(String),
+    NotPec,
+    /// Incoming mail or an anomaly: [`ingest`] after the commit.
+    Later,
+    Duplicate,
+    Quarantined(Option<String>, String),
+    Orphan,
+    Applied(Box<Apply>),
+}
+
+/// Takes several raw messages in (a fetched batch, in UID order), with the
+/// same result as [`ingest`] on each in turn, but with the durable steps
+/// grouped: every message is archived first (files fsync'd in parallel,
+/// each folder once), then recorded, matched and applied in **one** store
+/// transaction (each receipt sees the changes of the ones before it), then
+/// logged, copied into the sent folders and the status files rewritten
+/// once per letter. Incoming certified mail and anomaly envelopes are
+/// recorded in the transaction and unpacked by [`ingest`] after it.
+/// Blocking: call it on the store thread.
+///
+/// The outcomes are in the order of `items`.
+///
+/// # Errors
+///
+/// As [`ingest`]. When the transaction fails nothing of it is committed;
+/// the archived files stay and the whole batch can be ingested again.
+pub fn ingest_batch(
+    db: &mut store::Db,
+    ctx: &Context<'_>,
+    items: &[(&[u8], Source)],
+    now: Timestamp,
+) -> Result<Vec<IngestOutcome>, IngestError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let raws: Vec<&[u8]> = items.iter().map(|(raw, _)| *raw).collect();
+    let archived = archive_many(ctx.archive, &raws)?;
+    let mailbox = ctx.mailbox.name.as_str();
+    let inspections: Vec<Result<Inspection<'_>, String>> = raws
+        .iter()
+        .map(|raw| inspect(raw).map_err(|e| e.to_string()))
+        .collect();
+    let verdicts: Vec<Option<Verdict>> = inspections
+        .iter()
+        .map(|ins| match ins {
+            Ok(ins) if applied_in_batch(ins.kind()) && *ins.kind() != Kind::NotPec => {
+                Some(ctx.verifier.verify(ins, now))
+            }
+            _ => None,
+        })
+        .collect();
+    let job = |i: usize| -> Option<Job<'_, '_>> {
+        let ins = inspections[i].as_ref().ok()?;
+        Some(Job {
+            ctx,
+            sha: &archived[i].sha256,
+            raw: raws[i],
+            ins,
+            now,
+        })
+    };
+    let mut failure: Option<IngestError> = None;
+    let written = db.write("ingest.batch", |tx| {
+        let mut staged = Vec::with_capacity(items.len());
+        for (i, (_, source)) in items.iter().enumerate() {
+            let a = &archived[i];
+            let new = tx.record_message(&MessageRow {
+                sha256: a.sha256.clone(),
+                path: a.relative.clone(),
+                size: a.size,
+                direction: Direction::In,
+                mailbox: mailbox.to_owned(),
+                imap_uid: source.uid,
+                imap_uidvalidity: source.uidvalidity,
+                recorded_at: now,
+            })?;
+            let st = match (&inspections[i], job(i), verdicts[i].as_ref()) {
+                (Err(reason), _, _) => Staged::Unreadable(reason.clone()),
+                (Ok(ins), _, _) if *ins.kind() == Kind::NotPec => Staged::NotPec,
+                (Ok(ins), Some(job), Some(verdict)) if applied_in_batch(ins.kind()) => {
+                    let plan = if let Kind::Unknown(raw_kind) = ins.kind() {
+                        Ok(Plan::Quarantine(
+                            None,
+                            format!("unknown PEC message type \"{raw_kind}\""),
+                        ))
+                    } else {
+                        job.plan(tx, verdict)
+                    };
+                    match plan {
+                        Err(e) => {
+                            failure = Some(e);
+                            return Err(StoreError::Invalid(
+                                "ingest batch abandoned (nothing written)".into(),
+                            ));
+                        }
+                        Ok(Plan::Quarantine(id, why)) => {
+                            let r = job.new_receipt(
+                                verdict,
+                                id.clone(),
+                                "quarantined",
+                                Some(why.clone()),
+                            );
+                            if tx.record_receipt(&r)?.is_some() {
+                                Staged::Quarantined(id, why)
+                            } else {
+                                Staged::Duplicate
+                            }
+                        }
+                        Ok(Plan::Orphan) => {
+                            if tx.record_receipt(&job.orphan_row(verdict))?.is_some() {
+                                Staged::Orphan
+                            } else {
+                                Staged::Duplicate
+                            }
+                        }
+                        Ok(Plan::Apply(a)) => {
+                            if job.write_apply(tx, verdict, &a)? {
+                                Staged::Applied(a)
+                            } else {
+                                Staged::Duplicate
+                            }
+                        }
+                    }
+                }
+                _ => Staged::Later,
+            };
+            staged.push((new, st));
+        }
+        Ok(staged)
+    });
+    let staged = match (written, failure) {
+        (_, Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e.into()),
+        (Ok(s), None) => s,
+    };
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut filings = Vec::new();
+    for (i, (new, st)) in staged.into_iter().enumerate() {
+        let (raw, source) = items[i];
+        debug!(
+            { field::EVENT } = event::MESSAGE_ARCHIVED,
+            { field::MAILBOX } = %mailbox,
+            { field::PATH } = %archived[i].path.display(),
+            { field::UID } = source.uid,
+            sha256 = %archived[i].sha256,
+            new,
+            "message archived"
+        );
+        if let Ok(ins) = &inspections[i] {
+            debug!(
+                { field::EVENT } = event::MESSAGE_INSPECTED,
+                { field::MAILBOX } = %mailbox,
+                { field::KIND } = %ins.kind(),
+                sha256 = %archived[i].sha256,
+                problems = ins.problems.len(),
+                "message inspected"
+            );
+        }
+        let outcome = match (st, job(i), verdicts[i].as_ref()) {
+            (Staged::Unreadable(reason), _, _) => {
+                warn!(
+                    { field::EVENT } = event::MESSAGE_UNREADABLE,
+                    { field::MAILBOX } = %mailbox,
+                    { field::UID } = source.uid,
+                    { field::ERROR } = %reason,
+                    sha256 = %archived[i].sha256,
+                    "not a mail message; archived only"
+                );
+                IngestOutcome::Unreadable { reason }
+            }
+            (Staged::NotPec, _, _) => IngestOutcome::NotPec,
+            (Staged::Duplicate, _, _) => IngestOutcome::Duplicate {
+                sha256: archived[i].sha256.clone(),
+            },
+            (Staged::Quarantined(id, why), Some(job), Some(verdict)) => {
+                job.log_quarantined(verdict, id, why)
+            }
+            (Staged::Orphan, Some(job), _) => job.log_orphan(),
+            (Staged::Applied(a), Some(job), _) => {
+                if let Some(d) = job.ins.daticert.as_ref() {
+                    job.log_applied(&a.dispatch_id, d, &a.outcome);
+                }
+                filings.push(Filing {
+                    raw: raws[i],
+                    ..job.filing(&a)
+                });
+                IngestOutcome::Applied {
+                    dispatch_id: a.dispatch_id,
+                    kind: job.ins.kind().as_str().to_owned(),
+                    changes: a.outcome.changes,
+                }
+            }
+            // Later, or (impossible) a staged receipt without inspection.
+            _ => ingest(db, ctx, raw, source, now)?,
+        };
+        outcomes.push(outcome);
+    }
+    file_receipts(db, ctx, &filings, now);
+    Ok(outcomes)
+}
+
 enum Written {
     Done,
     AlreadyDone,
@@ -896,8 +1362,8 @@ fn report(ins: &Inspection<'_>, d: &Daticert, v: &Verdict, sha: &str) -> String 
 /// Message-ID, `identificativo` → an accepted dispatch; both must agree,
 /// the outer `X-Riferimento-Message-ID` must agree with the msgid, and
 /// `consegna` must be a recipient of the letter.
-fn match_receipt(
-    db: &store::Db,
+fn match_receipt<R: Reads>(
+    db: &R,
     mailbox: &MailboxConfig,
     ins: &Inspection<'_>,
     d: &Daticert,
@@ -1198,6 +1664,11 @@ fn write_outcome(
                 to,
                 cause,
             } => {
+                if *to == AttemptState::Submitted {
+                    // The attempts table follows, so that the SMTP edge's late
+                    // outcome and the start-up recovery see the proof.
+                    tx.attempt_proven(w.dispatch_id, message_id, w.now)?;
+                }
                 tx.append_event(&NewEvent {
                     at: w.now,
                     mailbox: Some(w.mailbox.to_owned()),

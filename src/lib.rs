@@ -1,18 +1,26 @@
 //! pecgate: a certified-email (PEC) gateway.
 pub mod archive;
+pub mod backup;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod imap;
+pub mod inbound;
 pub mod ingest;
 pub mod outbound;
 pub mod outbox;
 pub mod pec;
 pub mod pki;
+pub mod reindex;
+pub mod report;
 pub mod sandbox;
 pub mod sent;
 pub mod smtp;
+pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod timeline;
 pub mod tls;
 pub mod verify;

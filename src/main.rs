@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pecgate::cli::{Cli, Command, run_inspect, run_list, run_sandbox, run_verify};
+use pecgate::cli::{
+    Cli, Command, run_check_config, run_inspect, run_list, run_sandbox, run_verify,
+};
 use pecgate::config::LogFormat;
 
 fn main() -> ExitCode {
@@ -29,6 +31,15 @@ fn main() -> ExitCode {
             cli.log_level.as_deref(),
         ),
         Command::List(args) => run_list(cli.config.as_deref(), args),
+        Command::Show(args) => pecgate::cli::run_show(cli.config.as_deref(), args),
+        Command::Resolve(args) => pecgate::cli::run_resolve(cli.config.as_deref(), args),
+        Command::CheckConfig(args) => run_check_config(cli.config.as_deref(), args),
+        Command::Status(args) => pecgate::cli::run_status(cli.config.as_deref(), args),
+        Command::Report(args) => pecgate::cli::run_report(cli.config.as_deref(), args),
+        Command::Backup(args) => pecgate::cli::run_backup(cli.config.as_deref(), args),
+        Command::Restore(args) => pecgate::cli::run_restore(cli.config.as_deref(), args),
+        Command::Reindex(args) => pecgate::cli::run_reindex(cli.config.as_deref(), args),
+        Command::Demo(args) => pecgate::cli::run_demo(args),
     };
     match result {
         Ok(code) => code,

@@ -63,8 +63,19 @@ pub enum IntakeOutcome {
     Rejected(PathBuf),
 }
 
+/// How many claims are made and taken in together: their fsyncs are issued
+/// at once and their dispatch rows share one store transaction. Bounds the
+/// time one intake job holds the store thread (about 30 to 60 ms), so that
+/// the sender's jobs run in between.
+pub const INTAKE_GROUP: usize = 48;
+
+/// At most this many letters per store transaction (a mass mailing is one
+/// claim but may hold thousands of letters).
+const COMMIT_LETTERS: usize = 256;
+
 /// Takes a claimed letter (or mass mailing) in: validation, sent folders,
 /// dispatch rows, then the claim folder is released. Blocking.
+/// [`take_in_group`] with one claim.
 ///
 /// # Errors
 /// File-system or database failures (the claim stays, and is taken again
@@ -75,123 +86,279 @@ pub fn take_in(
     claim: &intake::Claim,
     now: Timestamp,
 ) -> Result<IntakeOutcome, String> {
-    let claim_id = claim.id.clone();
-    let mailbox_name = mailbox.name.clone();
-    let is_dup = |hash: &str| -> Option<String> {
-        let found = db
-            .find_by_content_hash(&mailbox_name, hash)
-            .ok()
-            .flatten()?;
-        // A letter of this very claim stored before a crash is not a duplicate.
-        (found.id != dispatch_id_for(&claim_id, &found.source)).then_some(found.id)
-    };
-    let letters = match intake::load(claim, &mailbox.limits, &is_dup) {
-        Ok(l) => l,
-        Err(rejection) => {
-            let folder = intake::reject(claim, &mailbox.outbox, &rejection.problems)
-                .map_err(|e| e.to_string())?;
-            let fields: Vec<&str> = rejection
-                .problems
-                .iter()
-                .map(|p| p.field.as_str())
-                .collect();
-            warn!(
-                { field::EVENT } = event::LETTER_REJECTED,
-                { field::MAILBOX } = %mailbox.name,
-                { field::PATH } = %folder.display(),
-                letter = %rejection.letter,
-                problems = %fields.join(", "),
-                "letter rejected"
-            );
-            let _ = db.append_event(&store::NewEvent {
-                at: now,
-                mailbox: Some(mailbox.name.clone()),
-                dispatch_id: None,
-                event: event::LETTER_REJECTED.to_owned(),
-                cause: "validation".to_owned(),
-                detail: serde_json::json!({
-                    "letter": rejection.letter,
-                    "folder": folder.display().to_string(),
-                    "problems": rejection.problems.iter().map(|p| serde_json::json!({"field": p.field, "en": p.en})).collect::<Vec<_>>(),
+    take_in_group(db, mailbox, std::slice::from_ref(claim), now)
+        .pop()
+        .unwrap_or_else(|| Err("no result".to_owned()))
+}
+
+/// A letter whose sent folder is written (not yet durable) and whose row is
+/// not yet committed.
+struct Pending {
+    /// Index of its claim in the group.
+    claim: usize,
+    dir: PathBuf,
+    new: NewDispatch,
+}
+
+/// Takes several claims in together, one result per claim, in order.
+/// Blocking; runs on the store thread.
+///
+/// For each claim: validation (a refused letter goes to `rejected/` at
+/// once), then the sent folder of each of its letters is written without
+/// fsync. Then, for the whole group:
+/// 1. every new file and folder is fsync'd, concurrently
+///    (`archive::sync_all`): the documents, `dispatch.json`, each dispatch
+///    folder and its month folder; the sender reads them once the row
+///    exists, so they must be durable before it is committed;
+/// 2. one store transaction inserts every dispatch row (`synchronous=FULL`:
+///    one WAL fsync for the group);
+/// 3. the status files are written (derived from the store, not fsync'd)
+///    and each claim whose letters are all stored is released. A crash
+///    anywhere before the release takes the claim in again at the next
+///    start: the dispatch ids are derived from the claim id and the letter,
+///    so rows already committed are found and nothing is inserted twice;
+///    files of uncommitted letters are simply written again.
+pub fn take_in_group(
+    db: &mut store::Db,
+    mailbox: &MailboxConfig,
+    claims: &[intake::Claim],
+    now: Timestamp,
+) -> Vec<Result<IntakeOutcome, String>> {
+    let mut results: Vec<Option<Result<IntakeOutcome, String>>> = vec![None; claims.len()];
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); claims.len()];
+    // Content hashes of the letters of this group, so that two identical
+    // letters in one group are caught as they would be one after the other.
+    let mut in_group: HashMap<String, String> = HashMap::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut to_sync: Vec<PathBuf> = Vec::new();
+    for (i, claim) in claims.iter().enumerate() {
+        let loaded = {
+            let claim_id = claim.id.clone();
+            let db_ref: &store::Db = db;
+            let seen = &in_group;
+            let is_dup = |hash: &str| -> Option<String> {
+                if let Some(id) = seen.get(hash) {
+                    return Some(id.clone());
+                }
+                let found = db_ref
+                    .find_by_content_hash(&mailbox.name, hash)
+                    .ok()
+                    .flatten()?;
+                // A letter of this very claim stored before a crash is not a duplicate.
+                (found.id != dispatch_id_for(&claim_id, &found.source)).then_some(found.id)
+            };
+            intake::load(claim, &mailbox.limits, &is_dup)
+        };
+        let letters = match loaded {
+            Ok(l) => l,
+            Err(rejection) => {
+                results[i] = Some(reject_claim(db, mailbox, claim, &rejection, now));
+                continue;
+            }
+        };
+        for letter in &letters {
+            let id = dispatch_id_for(&claim.id, &letter.name);
+            ids[i].push(id.clone());
+            in_group.insert(letter.content_hash.clone(), id.clone());
+            match db.get(&id) {
+                Ok(Some(_)) => continue, // stored before a crash
+                Ok(None) => {}
+                Err(e) => {
+                    results[i] = Some(Err(e.to_string()));
+                    break;
+                }
+            }
+            let dir = sent::folder(&mailbox.sent, now, &id);
+            match prepare_sent_folder(mailbox, &id, letter, &dir, now, &mut to_sync) {
+                Ok(()) => pending.push(Pending {
+                    claim: i,
+                    new: new_dispatch(mailbox, &id, letter, &dir, now),
+                    dir,
                 }),
-            });
-            return Ok(IntakeOutcome::Rejected(folder));
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    break;
+                }
+            }
         }
+        if pending.len() >= COMMIT_LETTERS {
+            commit(db, mailbox, &mut pending, &mut to_sync, &mut results, now);
+        }
+    }
+    commit(db, mailbox, &mut pending, &mut to_sync, &mut results, now);
+    // Only now, with every row committed, may a claim go.
+    claims
+        .iter()
+        .zip(results)
+        .zip(ids)
+        .map(|((claim, result), ids)| match result {
+            Some(r) => r,
+            None => intake::release(claim)
+                .map(|()| IntakeOutcome::Stored(ids))
+                .map_err(|e| e.to_string()),
+        })
+        .collect()
+}
+
+/// Makes the pending letters' files durable, commits their rows in one
+/// transaction (one by one if the group's transaction fails, so that one
+/// bad row does not hold back the others), then writes their status files.
+/// A failure is recorded against the letter's claim, which then stays.
+fn commit(
+    db: &mut store::Db,
+    mailbox: &MailboxConfig,
+    pending: &mut Vec<Pending>,
+    to_sync: &mut Vec<PathBuf>,
+    results: &mut [Option<Result<IntakeOutcome, String>>],
+    now: Timestamp,
+) {
+    let batch = std::mem::take(pending);
+    let paths = std::mem::take(to_sync);
+    if let Err(e) = crate::archive::sync_all(&paths) {
+        for p in &batch {
+            results[p.claim].get_or_insert_with(|| Err(e.to_string()));
+        }
+        return;
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let together = db.write("intake_group", |tx| {
+        batch.iter().try_for_each(|p| tx.insert_dispatch(&p.new))
+    });
+    let stored: Vec<bool> = match together {
+        Ok(()) => vec![true; batch.len()],
+        Err(_) => batch
+            .iter()
+            .map(|p| match db.insert_dispatch(&p.new) {
+                Ok(()) => true,
+                Err(e) => {
+                    results[p.claim].get_or_insert_with(|| Err(e.to_string()));
+                    false
+                }
+            })
+            .collect(),
     };
-    let mut ids = Vec::new();
-    for letter in &letters {
-        let id = dispatch_id_for(&claim.id, &letter.name);
-        if db.get(&id).map_err(|e| e.to_string())?.is_some() {
-            ids.push(id);
+    for (p, ok) in batch.iter().zip(stored) {
+        if !ok {
             continue;
         }
-        let dir = sent::folder(&mailbox.sent, now, &id);
-        prepare_sent_folder(mailbox, &id, letter, &dir, now)?;
-        let new = NewDispatch {
-            id: id.clone(),
-            mailbox: mailbox.name.clone(),
-            kind: letter.kind.as_str().to_owned(),
-            protocol: letter.protocol.clone(),
-            reference: letter.reference.clone(),
-            subject: letter.subject.clone(),
-            receipt_type: letter.receipt.as_str().to_owned(),
-            in_reply_to: letter.in_reply_to.clone(),
-            content_hash: letter.content_hash.clone(),
-            source: letter.name.clone(),
-            sent_dir: dir.display().to_string(),
-            created_at: now,
-            recipients: letter
-                .to
-                .iter()
-                .map(|a| NewRecipient {
-                    address: a.clone(),
-                    field: Field::To,
-                })
-                .chain(letter.cc.iter().map(|a| NewRecipient {
-                    address: a.clone(),
-                    field: Field::Cc,
-                }))
-                .collect(),
-            documents: letter
-                .attachments
-                .iter()
-                .map(|d| NewDocument {
-                    name: d.name.clone(),
-                    sha256: d.sha256.clone(),
-                    size: d.size,
-                })
-                .collect(),
-        };
-        db.insert_dispatch(&new).map_err(|e| e.to_string())?;
-        if let Ok(Some(detail)) = db.get(&id) {
-            let _ = sent::write_status(&dir, &detail, now);
+        if let Ok(Some(detail)) = db.get(&p.new.id) {
+            let _ = sent::write_status(&p.dir, &detail, now);
         }
         info!(
             { field::EVENT } = event::DISPATCH_QUEUED,
-            { field::DISPATCH_ID } = %id,
+            { field::DISPATCH_ID } = %p.new.id,
             { field::MAILBOX } = %mailbox.name,
-            { field::PATH } = %dir.display(),
-            letter = %letter.name,
+            { field::PATH } = %p.dir.display(),
+            letter = %p.new.source,
             "letter queued"
         );
-        ids.push(id);
     }
-    intake::release(claim).map_err(|e| e.to_string())?;
-    Ok(IntakeOutcome::Stored(ids))
 }
 
+/// Moves a refused claim to `rejected/` and records why.
+fn reject_claim(
+    db: &mut store::Db,
+    mailbox: &MailboxConfig,
+    claim: &intake::Claim,
+    rejection: &intake::Rejection,
+    now: Timestamp,
+) -> Result<IntakeOutcome, String> {
+    let folder =
+        intake::reject(claim, &mailbox.outbox, &rejection.problems).map_err(|e| e.to_string())?;
+    let fields: Vec<&str> = rejection
+        .problems
+        .iter()
+        .map(|p| p.field.as_str())
+        .collect();
+    warn!(
+        { field::EVENT } = event::LETTER_REJECTED,
+        { field::MAILBOX } = %mailbox.name,
+        { field::PATH } = %folder.display(),
+        letter = %rejection.letter,
+        problems = %fields.join(", "),
+        "letter rejected"
+    );
+    let _ = db.append_event(&store::NewEvent {
+        at: now,
+        mailbox: Some(mailbox.name.clone()),
+        dispatch_id: None,
+        event: event::LETTER_REJECTED.to_owned(),
+        cause: "validation".to_owned(),
+        detail: serde_json::json!({
+            "letter": rejection.letter,
+            "folder": folder.display().to_string(),
+            "problems": rejection.problems.iter().map(|p| serde_json::json!({"field": p.field, "en": p.en})).collect::<Vec<_>>(),
+        }),
+    });
+    Ok(IntakeOutcome::Rejected(folder))
+}
+
+fn new_dispatch(
+    mailbox: &MailboxConfig,
+    id: &str,
+    letter: &Letter,
+    dir: &Path,
+    now: Timestamp,
+) -> NewDispatch {
+    NewDispatch {
+        id: id.to_owned(),
+        mailbox: mailbox.name.clone(),
+        kind: letter.kind.as_str().to_owned(),
+        protocol: letter.protocol.clone(),
+        reference: letter.reference.clone(),
+        subject: letter.subject.clone(),
+        receipt_type: letter.receipt.as_str().to_owned(),
+        in_reply_to: letter.in_reply_to.clone(),
+        content_hash: letter.content_hash.clone(),
+        source: letter.name.clone(),
+        sent_dir: dir.display().to_string(),
+        created_at: now,
+        recipients: letter
+            .to
+            .iter()
+            .map(|a| NewRecipient {
+                address: a.clone(),
+                field: Field::To,
+            })
+            .chain(letter.cc.iter().map(|a| NewRecipient {
+                address: a.clone(),
+                field: Field::Cc,
+            }))
+            .collect(),
+        documents: letter
+            .attachments
+            .iter()
+            .map(|d| NewDocument {
+                name: d.name.clone(),
+                sha256: d.sha256.clone(),
+                size: d.size,
+            })
+            .collect(),
+    }
+}
+
+/// Writes a letter's sent folder (documents and `dispatch.json`) without
+/// fsync, and adds to `to_sync` what must be fsync'd before its row is
+/// committed: each file, the folder, and the parent of every folder level
+/// created.
 fn prepare_sent_folder(
     mailbox: &MailboxConfig,
     id: &str,
     letter: &Letter,
     dir: &Path,
     now: Timestamp,
+    to_sync: &mut Vec<PathBuf>,
 ) -> Result<(), String> {
-    crate::archive::create_folder(&mailbox.sent, dir).map_err(|e| e.to_string())?;
+    to_sync.extend(
+        crate::archive::create_folder_unsynced(&mailbox.sent, dir).map_err(|e| e.to_string())?,
+    );
     for doc in &letter.attachments {
         let bytes = std::fs::read(&doc.path).map_err(|e| format!("{}: {e}", doc.path.display()))?;
-        crate::archive::write_synced(&dir.join(&doc.name), &bytes, 0o640)
-            .map_err(|e| e.to_string())?;
+        let path = dir.join(&doc.name);
+        crate::archive::write_atomic(&path, &bytes, 0o640).map_err(|e| e.to_string())?;
+        to_sync.push(path);
     }
     let record = DispatchRecord {
         dispatch_id: id.to_owned(),
@@ -223,64 +390,83 @@ fn prepare_sent_folder(
         },
         attempts: Vec::new(),
     };
-    sent::write_record(dir, &record).map_err(|e| e.to_string())?;
-    // One folder fsync for the documents and dispatch.json together.
-    crate::archive::sync_folder(dir).map_err(|e| e.to_string())
+    to_sync.push(sent::write_record_unsynced(dir, &record).map_err(|e| e.to_string())?);
+    to_sync.push(dir.to_path_buf());
+    Ok(())
 }
 
-/// One pass over the outbox: recovers claims left by a crash (first pass
-/// only), scans, claims and takes in every complete letter. Blocking.
-pub fn intake_pass(
-    db: &mut store::Db,
+/// Claims in groups of [`INTAKE_GROUP`] and hands each group to `take`
+/// (which returns false to stop): first the claims a crash left (when
+/// `recover`), then the letters the scan finds complete. Stops between two
+/// groups when `cancel` fires: a group claimed but not taken in stays in
+/// `.processing/` and is recovered at the next start. Blocking.
+fn claim_groups(
     config: &Config,
     mailbox: &MailboxConfig,
     recover: bool,
     cancel: &CancellationToken,
-) -> usize {
-    let mut stored = 0;
-    let mut claims = Vec::new();
+    mut take: impl FnMut(Vec<intake::Claim>) -> bool,
+) {
     if recover {
         match intake::recover(&mailbox.outbox) {
-            Ok(c) => claims.extend(c),
+            Ok(claims) => {
+                let mut claims = claims.into_iter().peekable();
+                while claims.peek().is_some() {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    if !take(claims.by_ref().take(INTAKE_GROUP).collect()) {
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "outbox recovery failed")
             }
         }
     }
-    match intake::scan(
+    let candidates = match intake::scan(
         &mailbox.outbox,
         config.outbox.settle,
         intake::DEFAULT_MISSING_GRACE,
         system_now(),
     ) {
-        Ok(candidates) => {
-            for c in candidates {
-                if cancel.is_cancelled() {
-                    break;
-                }
-                // A candidate with files missing is returned by the scan only
-                // once it has waited `missing_grace`: it is claimed, and
-                // `load` refuses it naming the missing files.
-                match intake::claim(&c, &mailbox.outbox, system_now()) {
-                    Ok(claim) => claims.push(claim),
-                    Err(e) if e.is_taken() => {}
-                    Err(e) => {
-                        error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "claim failed")
-                    }
+        Ok(c) => c,
+        Err(e) => {
+            error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "outbox scan failed");
+            return;
+        }
+    };
+    // A candidate with files missing is returned by the scan only once it
+    // has waited `missing_grace`: it is claimed, and `load` refuses it
+    // naming the missing files.
+    for group in candidates.chunks(INTAKE_GROUP) {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let mut claims = Vec::with_capacity(group.len());
+        for result in intake::claim_group(group, &mailbox.outbox, system_now()) {
+            match result {
+                Ok(claim) => claims.push(claim),
+                Err(e) if e.is_taken() => {}
+                Err(e) => {
+                    error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "claim failed")
                 }
             }
         }
-        Err(e) => {
-            error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "outbox scan failed")
+        if !claims.is_empty() && !take(claims) {
+            return;
         }
     }
-    for claim in claims {
-        if cancel.is_cancelled() {
-            // A claim not taken in stays in .processing/ and is recovered
-            // at the next start.
-            break;
-        }
-        match take_in(db, mailbox, &claim, Timestamp::now()) {
+}
+
+/// Takes a group in and logs the claims that could not be; returns how many
+/// letters were stored.
+fn take_in_logged(db: &mut store::Db, mailbox: &MailboxConfig, claims: &[intake::Claim]) -> usize {
+    let mut stored = 0;
+    let results = take_in_group(db, mailbox, claims, Timestamp::now());
+    for (claim, result) in claims.iter().zip(results) {
+        match result {
             Ok(IntakeOutcome::Stored(ids)) => stored += ids.len(),
             Ok(IntakeOutcome::Rejected(_)) => {}
             Err(e) => error!(
@@ -291,6 +477,87 @@ pub fn intake_pass(
             ),
         }
     }
+    stored
+}
+
+/// One pass over the outbox: recovers claims left by a crash (first pass
+/// only), scans, claims and takes in every complete letter, in groups.
+/// While one group is taken in (on this thread, which owns `db`) the next
+/// is claimed on a helper thread, so that the two wait for the disk at the
+/// same time. Blocking. Returns how many letters were stored.
+///
+/// The daemon uses [`intake_round`], which does the same without holding
+/// the store thread between groups.
+pub fn intake_pass(
+    db: &mut store::Db,
+    config: &Config,
+    mailbox: &MailboxConfig,
+    recover: bool,
+    cancel: &CancellationToken,
+) -> usize {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<intake::Claim>>(1);
+    std::thread::scope(|s| {
+        s.spawn(move || claim_groups(config, mailbox, recover, cancel, |g| tx.send(g).is_ok()));
+        let mut stored = 0;
+        for group in rx {
+            // Once cancelled, claims not taken in stay in .processing/ and
+            // are recovered at the next start.
+            if cancel.is_cancelled() {
+                break;
+            }
+            stored += take_in_logged(db, mailbox, &group);
+        }
+        stored
+    })
+}
+
+/// One pass over the outbox for the daemon, as [`intake_pass`], but each
+/// group is a separate job on the store thread, so that the sender's jobs
+/// run in between; `queued` is notified after every group that stored
+/// letters, so the sender starts on the first group while the rest are
+/// being taken in. The next group is claimed (on a blocking thread) while
+/// the store takes the current one in. Returns how many letters were
+/// stored.
+///
+/// daemon.rs calls it from the intake task in place of the
+/// `store.call(... intake_pass ...)`:
+/// `let n = outbound::intake_round(&store, &config, &mailbox, recover, &cancel, &wake).await;`
+pub async fn intake_round(
+    store: &Store,
+    config: &std::sync::Arc<Config>,
+    mailbox: &MailboxConfig,
+    recover: bool,
+    cancel: &CancellationToken,
+    queued: &tokio::sync::Notify,
+) -> usize {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<intake::Claim>>(1);
+    let (cfg, mb, token) = (config.clone(), mailbox.clone(), cancel.clone());
+    let claimer = tokio::task::spawn_blocking(move || {
+        claim_groups(&cfg, &mb, recover, &token, |g| tx.blocking_send(g).is_ok());
+    });
+    let mut stored = 0;
+    while let Some(group) = rx.recv().await {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let mb = mailbox.clone();
+        match store
+            .call(move |db| Ok(take_in_logged(db, &mb, &group)))
+            .await
+        {
+            Ok(n) => {
+                stored += n;
+                if n > 0 {
+                    queued.notify_one();
+                }
+            }
+            Err(e) => {
+                error!({ field::MAILBOX } = %mailbox.name, { field::ERROR } = %e, "intake failed")
+            }
+        }
+    }
+    drop(rx);
+    let _ = claimer.await;
     stored
 }
 
@@ -391,6 +658,12 @@ impl Sender {
                 }
             }
         }
+        // The SMTP connection is kept from one letter to the next while the
+        // queue is busy (`Submitter::submit` drops it after KEEP_IDLE), and
+        // closed once a pass finds nothing to send, or the daemon stops.
+        if out.attempted == 0 || out.suspended || cancel.is_cancelled() {
+            self.submitter.close().await;
+        }
         out
     }
 
@@ -474,12 +747,17 @@ impl Sender {
         let n = self
             .store
             .call(move |db| {
-                db.record_message(&row)?;
-                db.begin_attempt(&key, &mid, &sha, now)
+                db.write("begin_attempt", |tx| {
+                    tx.record_message(&row)?;
+                    tx.begin_attempt(&key, &mid, &sha, now)
+                })
             })
             .await
             .map_err(|e| e.to_string())?;
-        self.update_record(&dir, &record, id).await;
+        // dispatch.json names the attempt durably before the transaction:
+        // a store rebuilt from the sent folders then knows the letter may
+        // have left (uncertain), never that it is still to send.
+        self.update_record(&dir, &record, id, true).await;
         let rcpts: Vec<String> = record
             .envelope
             .to
@@ -551,12 +829,15 @@ impl Sender {
             }
         };
         result.map_err(|e| e.to_string())?;
-        self.update_record(&dir, &record, id).await;
+        // Not fsync'd: losing this update in a power cut leaves the attempt
+        // `sending` in dispatch.json, which a rebuild treats as uncertain
+        // (never resent); the store has the outcome.
+        self.update_record(&dir, &record, id, false).await;
         Ok(keep_going)
     }
 
     /// Rewrites `dispatch.json` (attempts) and the status files from the store.
-    async fn update_record(&self, dir: &Path, record: &DispatchRecord, id: &str) {
+    async fn update_record(&self, dir: &Path, record: &DispatchRecord, id: &str, durable: bool) {
         let key = id.to_owned();
         let Ok(Some(detail)) = self.store.call(move |db| db.get(&key)).await else {
             return;
@@ -576,9 +857,12 @@ impl Sender {
                 eml_sha256: a.eml_sha256.clone(),
             })
             .collect();
-        if let Err(e) =
+        let written = if durable {
             sent::write_record(dir, &record).and_then(|()| crate::archive::sync_folder(dir))
-        {
+        } else {
+            sent::write_record_unsynced(dir, &record).map(|_| ())
+        };
+        if let Err(e) = written {
             warn!({ field::DISPATCH_ID } = %id, { field::ERROR } = %e, "cannot update dispatch.json");
         }
         if let Err(e) = sent::write_status(dir, &detail, Timestamp::now()) {

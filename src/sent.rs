@@ -123,6 +123,19 @@ pub fn write_record(dir: &Path, record: &DispatchRecord) -> Result<(), ArchiveEr
     write_synced(&dir.join(DISPATCH_JSON), &json, 0o640)
 }
 
+/// Writes `dispatch.json` atomically without any fsync and returns its path:
+/// the caller fsyncs it and the folder (with others, `archive::sync_all`)
+/// before anything depends on it.
+///
+/// # Errors
+/// File-system failures.
+pub fn write_record_unsynced(dir: &Path, record: &DispatchRecord) -> Result<PathBuf, ArchiveError> {
+    let json = serde_json::to_vec_pretty(record).unwrap_or_default();
+    let path = dir.join(DISPATCH_JSON);
+    write_atomic(&path, &json, 0o640)?;
+    Ok(path)
+}
+
 /// Reads `dispatch.json`.
 ///
 /// # Errors
@@ -164,6 +177,16 @@ fn state_it(state: &str) -> &'static str {
     }
 }
 
+/// A recipient's state in Italian (the letter-level words of [`state_it`]
+/// speak of "all recipients").
+fn recipient_state_it(state: &str) -> &'static str {
+    match state {
+        "delivered" => "consegnata",
+        "failed" => "NON consegnata",
+        other => state_it(other),
+    }
+}
+
 /// Writes `status.txt` (Italian and English, for clerks) and `status.json`
 /// (for programs) from the store's view of the dispatch.
 ///
@@ -195,7 +218,7 @@ pub fn write_status(dir: &Path, d: &DispatchDetail, now: Timestamp) -> Result<()
             t,
             "  {} ({field}): {} ({}){}",
             r.address,
-            state_it(&r.state),
+            recipient_state_it(&r.state),
             r.state,
             r.detail
                 .as_deref()

@@ -15,8 +15,10 @@ use lettre::address::Address;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, Mailbox, Message, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::ClientId;
 
 use crate::config::{ServerConfig, TlsMode};
@@ -176,15 +178,81 @@ pub enum SubmitOutcome {
     },
 }
 
-/// Credentials and TLS setup for one SMTP server.
+/// Credentials and TLS setup for one SMTP server, and the connection kept
+/// open between consecutive letters.
 pub struct Submitter {
     host: String,
     port: u16,
     tls: TlsMode,
     params: Option<TlsParameters>,
+    /// For implicit TLS: pecgate does the handshake itself (so that the
+    /// socket gets TCP_NODELAY) and hands lettre the encrypted stream.
+    connector: Option<tokio_native_tls::TlsConnector>,
     credentials: Credentials,
     timeout: Duration,
     hello: ClientId,
+    /// The connection of the previous letter, reusable for the next one.
+    idle: Option<Kept>,
+}
+
+/// A logged-in connection between two transactions.
+struct Kept {
+    conn: AsyncSmtpConnection,
+    /// When its last transaction ended.
+    since: std::time::Instant,
+    /// Transactions made on it.
+    used: u32,
+}
+
+/// A connection unused for this long is closed rather than reused (well
+/// below the usual server idle timeouts of one to five minutes).
+pub const KEEP_IDLE: Duration = Duration::from_secs(20);
+/// Transactions per connection at most (providers limit messages per
+/// session); then QUIT and a new connection.
+pub const KEEP_MAX: u32 = 100;
+
+/// An implicit-TLS stream handed to lettre as an already connected stream.
+#[derive(Debug)]
+struct TlsTransport(tokio_native_tls::TlsStream<tokio::net::TcpStream>);
+
+impl tokio::io::AsyncRead for TlsTransport {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsTransport {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsTransport {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().get_ref().get_ref().peer_addr()
+    }
 }
 
 impl std::fmt::Debug for Submitter {
@@ -234,11 +302,19 @@ impl Submitter {
                 Some(b.build().map_err(|e| err(e.to_string()))?)
             }
         };
+        let connector = match server.tls {
+            TlsMode::Implicit => Some(
+                crate::tls::connector(server.ca_file.as_deref()).map_err(|e| err(e.to_string()))?,
+            ),
+            _ => None,
+        };
         Ok(Submitter {
             host: server.host.clone(),
             port: server.port,
             tls: server.tls,
             params,
+            connector,
+            idle: None,
             credentials: Credentials::new(
                 server.username.clone(),
                 server.password.expose().to_owned(),
@@ -248,40 +324,146 @@ impl Submitter {
         })
     }
 
-    /// Submits `message` from `from` to `rcpts`.
-    pub async fn submit(&self, from: &str, rcpts: &[String], message: &[u8]) -> SubmitOutcome {
+    /// Submits `message` from `from` to `rcpts`, on the connection kept
+    /// from the previous letter when there is one (younger than
+    /// [`KEEP_IDLE`], fewer than [`KEEP_MAX`] transactions), else on a new
+    /// one.
+    ///
+    /// Never twice: a kept connection that fails before the message is
+    /// written (the server closed it while idle) is dropped and the letter
+    /// goes over a new connection; once the message is on the wire, a lost
+    /// connection is [`SubmitOutcome::Uncertain`] as on a new one. After a
+    /// refusal or a 4xx the connection is kept only if RSET succeeds.
+    pub async fn submit(&mut self, from: &str, rcpts: &[String], message: &[u8]) -> SubmitOutcome {
+        if let Some(kept) = self.idle.take() {
+            if kept.since.elapsed() < KEEP_IDLE && kept.used < KEEP_MAX {
+                let mut conn = kept.conn;
+                let txn = self.transaction(&mut conn, from, rcpts, message).await;
+                if matches!(txn.outcome, SubmitOutcome::NotSent { .. }) && !txn.wrote && txn.broken
+                {
+                    // The kept connection was dead before the message left:
+                    // nothing was sent, so a new connection may carry it.
+                    conn.abort().await;
+                } else {
+                    self.finish(conn, &txn, kept.used + 1).await;
+                    return txn.outcome;
+                }
+            } else {
+                let mut conn = kept.conn;
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+            }
+        }
         let mut conn = match self.connect().await {
             Ok(c) => c,
             Err(outcome) => return outcome,
         };
-        let outcome = self.transaction(&mut conn, from, rcpts, message).await;
-        if matches!(
-            outcome,
-            SubmitOutcome::Accepted { .. } | SubmitOutcome::Refused { .. }
-        ) {
+        let txn = self.transaction(&mut conn, from, rcpts, message).await;
+        self.finish(conn, &txn, 1).await;
+        txn.outcome
+    }
+
+    /// Keeps the connection for the next letter when it is in a clean
+    /// state, else closes it.
+    async fn finish(&mut self, mut conn: AsyncSmtpConnection, txn: &Txn, used: u32) {
+        let keep = !txn.broken
+            && match txn.outcome {
+                SubmitOutcome::Accepted { .. } => true,
+                // A reply came: the session is usable once the transaction
+                // is reset.
+                SubmitOutcome::Refused { .. } | SubmitOutcome::NotSent { .. } => {
+                    matches!(
+                        tokio::time::timeout(self.timeout, conn.command(Rset)).await,
+                        Ok(Ok(_))
+                    )
+                }
+                SubmitOutcome::AuthRefused { .. } | SubmitOutcome::Uncertain { .. } => false,
+            };
+        if keep && used < KEEP_MAX {
+            self.idle = Some(Kept {
+                conn,
+                since: std::time::Instant::now(),
+                used,
+            });
+        } else if keep {
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
         } else {
             conn.abort().await;
         }
-        outcome
+    }
+
+    /// Closes the kept connection, if any (QUIT): when the queue is empty
+    /// or the daemon stops.
+    pub async fn close(&mut self) {
+        if let Some(mut kept) = self.idle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), kept.conn.quit()).await;
+        }
+    }
+
+    /// Connects, secures and logs in exactly as a submission does, then
+    /// says QUIT without sending anything (`pecgate check-config --connect`).
+    ///
+    /// # Errors
+    /// [`SubmitOutcome::AuthRefused`] when the server refused the login,
+    /// [`SubmitOutcome::NotSent`] for anything else (network, TLS, timeout).
+    pub async fn try_login(&self) -> Result<(), SubmitOutcome> {
+        let mut conn = self.connect().await?;
+        let _ = tokio::time::timeout(self.timeout, conn.quit()).await;
+        Ok(())
+    }
+
+    /// A TCP connection with TCP_NODELAY: lettre writes the message and the
+    /// final `.` in two writes, and without it Nagle's algorithm holds the
+    /// terminator until the server's delayed ACK (40 ms or more per letter).
+    async fn tcp(&self) -> Result<tokio::net::TcpStream, SubmitOutcome> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let tcp = match tokio::time::timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(SubmitOutcome::NotSent {
+                    reason: format!("{addr}: connection: {e}"),
+                });
+            }
+            Err(_) => {
+                return Err(SubmitOutcome::NotSent {
+                    reason: format!("{addr}: connection timed out"),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, SubmitOutcome> {
         let not_sent = |e: lettre::transport::smtp::Error| SubmitOutcome::NotSent {
             reason: format!("{}:{}: {e}", self.host, self.port),
         };
-        let implicit = match self.tls {
-            TlsMode::Implicit => self.params.clone(),
-            _ => None,
+        let timed_out = || SubmitOutcome::NotSent {
+            reason: format!("{}:{}: timed out", self.host, self.port),
         };
-        let mut conn = AsyncSmtpConnection::connect_tokio1(
-            (self.host.as_str(), self.port),
-            Some(self.timeout),
-            &self.hello,
-            implicit,
-            None,
+        let tcp = self.tcp().await?;
+        let stream: Box<dyn AsyncTokioStream> = match (&self.tls, &self.connector) {
+            (TlsMode::Implicit, Some(connector)) => {
+                let tls = tokio::time::timeout(self.timeout, connector.connect(&self.host, tcp))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| SubmitOutcome::NotSent {
+                        reason: format!("{}:{}: tls: {e}", self.host, self.port),
+                    })?;
+                Box::new(TlsTransport(tls))
+            }
+            _ => Box::new(tcp),
+        };
+        let mut conn = tokio::time::timeout(
+            self.timeout,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
         )
         .await
+        .map_err(|_| timed_out())?
         .map_err(not_sent)?;
         if self.tls == TlsMode::StartTls {
             let Some(params) = self.params.clone() else {
@@ -311,15 +493,23 @@ impl Submitter {
         }
     }
 
+    /// One transaction: MAIL, RCPT for each recipient, DATA, the message.
     async fn transaction(
         &self,
         conn: &mut AsyncSmtpConnection,
         from: &str,
         rcpts: &[String],
         message: &[u8],
-    ) -> SubmitOutcome {
-        let before = |e: lettre::transport::smtp::Error| {
-            if e.is_permanent() {
+    ) -> Txn {
+        // No reply at all (network, timeout, garbage) or 421 (the server
+        // closes the session): the connection cannot be used again.
+        let dead = |e: &lettre::transport::smtp::Error| {
+            e.status().is_none_or(|c| c.to_string().starts_with("421"))
+        };
+        let before = |e: lettre::transport::smtp::Error| Txn {
+            broken: dead(&e),
+            wrote: false,
+            outcome: if e.is_permanent() {
                 SubmitOutcome::Refused {
                     reply: e.to_string(),
                 }
@@ -327,15 +517,16 @@ impl Submitter {
                 SubmitOutcome::NotSent {
                     reason: e.to_string(),
                 }
-            }
+            },
+        };
+        let refused = |reply: String| Txn {
+            outcome: SubmitOutcome::Refused { reply },
+            wrote: false,
+            broken: false,
         };
         let from = match from.parse::<Address>() {
             Ok(a) => a,
-            Err(e) => {
-                return SubmitOutcome::Refused {
-                    reply: format!("bad sender address: {e}"),
-                };
-            }
+            Err(e) => return refused(format!("bad sender address: {e}")),
         };
         let mut params = Vec::new();
         if !message.is_ascii() {
@@ -349,11 +540,7 @@ impl Submitter {
         for r in rcpts {
             let to = match r.parse::<Address>() {
                 Ok(a) => a,
-                Err(e) => {
-                    return SubmitOutcome::Refused {
-                        reply: format!("bad recipient address {r}: {e}"),
-                    };
-                }
+                Err(e) => return refused(format!("bad recipient address {r}: {e}")),
             };
             if let Err(e) = conn.command(Rcpt::new(to, vec![])).await {
                 return before(e);
@@ -367,21 +554,50 @@ impl Submitter {
         // that the provider receives exactly `message` (the bytes archived),
         // not `message` plus an empty line.
         let data = message.strip_suffix(b"\r\n").unwrap_or(message);
-        match conn.message(data).await {
-            Ok(r) => SubmitOutcome::Accepted {
-                reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
-            },
-            Err(e) if e.is_permanent() => SubmitOutcome::Refused {
-                reply: e.to_string(),
-            },
-            Err(e) if e.is_transient() => SubmitOutcome::NotSent {
-                reason: e.to_string(),
-            },
-            Err(e) => SubmitOutcome::Uncertain {
-                reason: e.to_string(),
-            },
+        let (outcome, broken) = match conn.message(data).await {
+            Ok(r) => (
+                SubmitOutcome::Accepted {
+                    reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
+                },
+                false,
+            ),
+            Err(e) if e.is_permanent() => (
+                SubmitOutcome::Refused {
+                    reply: e.to_string(),
+                },
+                false,
+            ),
+            Err(e) if e.is_transient() => {
+                let broken = dead(&e);
+                (
+                    SubmitOutcome::NotSent {
+                        reason: e.to_string(),
+                    },
+                    broken,
+                )
+            }
+            Err(e) => (
+                SubmitOutcome::Uncertain {
+                    reason: e.to_string(),
+                },
+                true,
+            ),
+        };
+        Txn {
+            outcome,
+            wrote: true,
+            broken,
         }
     }
+}
+
+/// How far one transaction got.
+struct Txn {
+    outcome: SubmitOutcome,
+    /// The message was (at least partly) written.
+    wrote: bool,
+    /// The connection is unusable (no reply, or 421).
+    broken: bool,
 }
 
 /// Pacing of one mailbox: at most `per_minute` submissions in any minute

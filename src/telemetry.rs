@@ -161,12 +161,29 @@ pub mod event {
     // Deadlines, store, backup.
     /// A dispatch is overdue for a receipt (warn).
     pub const DEADLINE_STALE: &str = "deadline.stale";
+    /// A submitted letter has no acceptance within the configured minutes
+    /// (warn: the provider may be slow or the message lost).
+    pub const DEADLINE_ACCEPTANCE_OVERDUE: &str = "deadline.acceptance_overdue";
+    /// An uncertain letter had no acceptance after the grace period, with
+    /// the mailbox read past it: sent once more with a new Message-ID (warn).
+    pub const DISPATCH_GRACE_RESEND: &str = "dispatch.grace_resend";
+    /// An operator decided about an uncertain letter with `pecgate resolve`
+    /// (info; logged by the command, recorded in the store).
+    pub const DISPATCH_RESOLVED: &str = "dispatch.resolved";
+    /// The IMAP folder was read up to its newest message (debug).
+    pub const MAILBOX_SYNCED: &str = "mailbox.synced";
     /// The database schema was migrated (info).
     pub const STORE_MIGRATED: &str = "store.migrated";
     /// A scheduled backup was written (info).
     pub const BACKUP_COMPLETED: &str = "backup.completed";
     /// A scheduled backup failed (error).
     pub const BACKUP_FAILED: &str = "backup.failed";
+    /// `pecgate reindex` rebuilt the database from the sent folders and the
+    /// archive (info; also the last event of the rebuilt log).
+    pub const STORE_REINDEXED: &str = "store.reindexed";
+    /// `pecgate reindex` could not restore a file as recorded (warn: listed
+    /// in its report, exit status 1).
+    pub const REINDEX_PROBLEM: &str = "reindex.problem";
 
     /// Every name above, for tests that check names are unique and well
     /// formed.
@@ -206,9 +223,15 @@ pub mod event {
         MAILBOX_UIDVALIDITY_CHANGED,
         MAILBOX_RETENTION,
         DEADLINE_STALE,
+        DEADLINE_ACCEPTANCE_OVERDUE,
+        DISPATCH_GRACE_RESEND,
+        DISPATCH_RESOLVED,
+        MAILBOX_SYNCED,
         STORE_MIGRATED,
         BACKUP_COMPLETED,
         BACKUP_FAILED,
+        STORE_REINDEXED,
+        REINDEX_PROBLEM,
     ];
 }
 
@@ -224,19 +247,74 @@ pub struct Resolved {
     pub ansi: bool,
 }
 
-/// Decides the output: `Auto` means JSON under systemd (`JOURNAL_STREAM` set)
-/// or when stderr is not a terminal, human otherwise. Pure, so it is tested
-/// without a terminal.
-pub fn resolve_format(fmt: LogFormat, journal_stream_set: bool, stderr_is_tty: bool) -> Resolved {
+/// What the process knows about where its stderr goes: the inputs of
+/// [`resolve_format`], gathered by [`Surroundings::detect`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Surroundings {
+    /// `$JOURNAL_STREAM` (`DEVICE:INODE` of the journal's stream socket),
+    /// set by systemd when stdout or stderr goes to the journal.
+    pub journal_stream: Option<String>,
+    /// Device and inode numbers of stderr (`fstat`), if it could be read.
+    pub stderr_id: Option<(u64, u64)>,
+    /// `$INVOCATION_ID` is set: the process is a systemd service.
+    pub under_systemd: bool,
+    /// stderr is a terminal.
+    pub stderr_is_tty: bool,
+}
+
+impl Surroundings {
+    /// Reads the environment and stderr of this process.
+    pub fn detect() -> Surroundings {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let stderr = std::io::stderr();
+        // fstat on a duplicate of fd 2 (no unsafe code needed).
+        let stderr_id = stderr
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .and_then(|fd| std::fs::File::from(fd).metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        Surroundings {
+            journal_stream: std::env::var("JOURNAL_STREAM").ok(),
+            stderr_id,
+            under_systemd: std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty()),
+            stderr_is_tty: stderr.is_terminal(),
+        }
+    }
+
+    /// stderr is connected to journald: `$JOURNAL_STREAM` names stderr's
+    /// device and inode (systemd.exec(5)). A `JOURNAL_STREAM` inherited by
+    /// a process whose stderr was redirected elsewhere does not count.
+    pub fn stderr_is_journal(&self) -> bool {
+        let (Some(stream), Some((dev, ino))) = (&self.journal_stream, self.stderr_id) else {
+            return false;
+        };
+        let Some((d, i)) = stream.trim().split_once(':') else {
+            return false;
+        };
+        d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
+    }
+}
+
+/// Decides the output. An explicit `json` / `human` (from `--log-format`,
+/// `PECGATE_LOG_FORMAT` or the configuration) wins; `auto` means JSON when
+/// stderr goes to the journal, when running as a systemd service
+/// (`INVOCATION_ID`), or when stderr is not a terminal (a pipe, a file), and
+/// human-readable lines at a terminal. No timestamps when stderr is the
+/// journal (it stamps every line itself); colours only at a terminal. Pure,
+/// so it is tested without a terminal or a journal.
+pub fn resolve_format(fmt: LogFormat, env: &Surroundings) -> Resolved {
+    let journal = env.stderr_is_journal();
     let json = match fmt {
         LogFormat::Json => true,
         LogFormat::Human => false,
-        LogFormat::Auto => journal_stream_set || !stderr_is_tty,
+        LogFormat::Auto => journal || env.under_systemd || !env.stderr_is_tty,
     };
     Resolved {
         json,
-        timestamps: !journal_stream_set,
-        ansi: !json && stderr_is_tty && !journal_stream_set,
+        timestamps: !journal,
+        ansi: !json && env.stderr_is_tty && !journal,
     }
 }
 
@@ -295,11 +373,7 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(filter)
         .map_err(|e| anyhow::anyhow!("log filter {filter:?}: {e}"))?;
-    let r = resolve_format(
-        format,
-        std::env::var_os("JOURNAL_STREAM").is_some(),
-        std::io::stderr().is_terminal(),
-    );
+    let r = resolve_format(format, &Surroundings::detect());
     let layer = if r.json {
         json_layer(std::io::stderr, r.timestamps)
     } else {
@@ -346,10 +420,21 @@ mod tests {
         }
     }
 
+    /// Surroundings for the format tests.
+    fn env(journal: bool, invocation: bool, tty: bool) -> Surroundings {
+        Surroundings {
+            journal_stream: journal.then(|| "8:12345".to_owned()),
+            stderr_id: Some((8, 12345)),
+            under_systemd: invocation,
+            stderr_is_tty: tty,
+        }
+    }
+
     #[test]
     fn auto_resolution() {
-        // Under systemd: JSON, no timestamps, no colours.
-        let r = resolve_format(LogFormat::Auto, true, false);
+        // Under systemd with stderr to the journal: JSON, no timestamps, no
+        // colours.
+        let r = resolve_format(LogFormat::Auto, &env(true, true, false));
         assert_eq!(
             r,
             Resolved {
@@ -358,8 +443,19 @@ mod tests {
                 ansi: false
             }
         );
+        // A systemd service whose stderr goes to a file: JSON with
+        // timestamps.
+        let r = resolve_format(LogFormat::Auto, &env(false, true, false));
+        assert_eq!(
+            r,
+            Resolved {
+                json: true,
+                timestamps: true,
+                ansi: false
+            }
+        );
         // At a terminal: human with timestamps and colours.
-        let r = resolve_format(LogFormat::Auto, false, true);
+        let r = resolve_format(LogFormat::Auto, &env(false, false, true));
         assert_eq!(
             r,
             Resolved {
@@ -369,7 +465,7 @@ mod tests {
             }
         );
         // Piped: JSON with timestamps.
-        let r = resolve_format(LogFormat::Auto, false, false);
+        let r = resolve_format(LogFormat::Auto, &env(false, false, false));
         assert_eq!(
             r,
             Resolved {
@@ -378,10 +474,61 @@ mod tests {
                 ansi: false
             }
         );
-        // Explicit choices win over the environment.
-        assert!(!resolve_format(LogFormat::Human, true, false).json);
-        assert!(!resolve_format(LogFormat::Human, true, true).timestamps);
-        assert!(resolve_format(LogFormat::Json, false, true).json);
+        // Explicit choices win over the surroundings.
+        assert!(!resolve_format(LogFormat::Human, &env(true, true, false)).json);
+        assert!(!resolve_format(LogFormat::Human, &env(true, true, true)).timestamps);
+        assert!(!resolve_format(LogFormat::Human, &env(true, true, true)).ansi);
+        assert!(resolve_format(LogFormat::Json, &env(false, false, true)).json);
+        assert!(!resolve_format(LogFormat::Json, &env(false, false, true)).ansi);
+    }
+
+    #[test]
+    fn every_name_is_documented_in_the_log_schema() {
+        let doc = include_str!("../docs/logging.md");
+        for e in event::ALL {
+            assert!(
+                doc.contains(&format!("`{e}`")),
+                "docs/logging.md does not describe the event {e}"
+            );
+        }
+        for f in field::ALL {
+            assert!(
+                doc.contains(&format!("| `{f}` |")),
+                "docs/logging.md does not describe the field {f}"
+            );
+        }
+    }
+
+    #[test]
+    fn journal_is_recognised_only_on_stderr() {
+        // JOURNAL_STREAM names stderr's device and inode.
+        assert!(env(true, false, false).stderr_is_journal());
+        // Inherited by a process whose stderr is now a terminal (a shell
+        // started from a service): another inode, not the journal.
+        let inherited = Surroundings {
+            journal_stream: Some("8:99".to_owned()),
+            stderr_id: Some((8, 12345)),
+            under_systemd: false,
+            stderr_is_tty: true,
+        };
+        assert!(!inherited.stderr_is_journal());
+        let r = resolve_format(LogFormat::Auto, &inherited);
+        assert!(!r.json && r.timestamps && r.ansi, "{r:?}");
+        // Malformed or unknown values are not the journal.
+        for bad in ["", "8", "8:x", "x:12345", "8:12345:1"] {
+            let e = Surroundings {
+                journal_stream: Some(bad.to_owned()),
+                ..env(false, false, false)
+            };
+            assert!(!e.stderr_is_journal(), "{bad:?}");
+        }
+        let no_fstat = Surroundings {
+            stderr_id: None,
+            ..env(true, false, true)
+        };
+        assert!(!no_fstat.stderr_is_journal());
+        // Detection on this process does not fail (whatever stderr is).
+        let _ = Surroundings::detect();
     }
 
     #[test]

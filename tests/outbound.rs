@@ -710,12 +710,24 @@ async fn every_rejection_reason_is_explained_and_the_files_are_kept() {
             ("troppi-destinatari", "to"),
             ("allegato-mancante", "attachments[0]"),
         ] {
-            let lines: Vec<Value> = gw
-                .events("letter.rejected")
-                .into_iter()
-                // (intake logs the refusal too, with the number of problems)
-                .filter(|l| l["letter"] == format!("{stem}.toml") && l["problems"].is_string())
-                .collect();
+            // The error file is written before the refusal is logged: wait
+            // for the log line.
+            let lines: Vec<Value> = eventually(
+                &format!("{stem}: letter.rejected logged"),
+                Duration::from_secs(30),
+                || {
+                    let lines: Vec<Value> = gw
+                        .events("letter.rejected")
+                        .into_iter()
+                        // (intake logs the refusal too, with the number of problems)
+                        .filter(|l| {
+                            l["letter"] == format!("{stem}.toml") && l["problems"].is_string()
+                        })
+                        .collect();
+                    (!lines.is_empty()).then_some(lines)
+                },
+            )
+            .await;
             assert_eq!(lines.len(), 1, "{stem}: letter.rejected log lines");
             assert_eq!(lines[0]["problems"], field, "{stem}");
             assert_eq!(lines[0]["mailbox"], MAILBOX);

@@ -1090,3 +1090,181 @@ fn a_release_interrupted_by_a_crash_is_finished_not_taken_in_again() {
     assert!(claims.is_empty(), "{claims:?}");
     assert!(!half.exists());
 }
+
+/// A configuration with one mailbox whose folders are under `dir`.
+fn gateway_config(dir: &Path) -> pecgate::config::Config {
+    let d = dir.display();
+    let toml = format!(
+        r#"[gateway]
+hostname = "gateway.test"
+
+[store]
+database = "{d}/pecgate.db"
+archive = "{d}/archive"
+
+[mailbox.protocollo]
+address = "protocollo@pec.comune.example.it"
+outbox = "{d}/outbox"
+sent = "{d}/sent"
+inbox = "{d}/inbox"
+smtp = {{ host = "127.0.0.1", port = 1, tls = "implicit", username = "protocollo@pec.comune.example.it", password_env = "OUTBOX_TEST_PASSWORD" }}
+imap = {{ host = "127.0.0.1", port = 1, tls = "implicit", username = "protocollo@pec.comune.example.it", password_env = "OUTBOX_TEST_PASSWORD" }}
+"#
+    );
+    let path = dir.join("pecgate.toml");
+    fs::write(&path, toml).unwrap();
+    let mut config = pecgate::config::Config::load_with_env(
+        &path,
+        [("OUTBOX_TEST_PASSWORD".to_owned(), "secret".to_owned())],
+    )
+    .unwrap();
+    config.outbox.settle = Duration::ZERO;
+    for m in config.mailboxes.values() {
+        for folder in [&m.outbox, &m.sent, &m.inbox] {
+            fs::create_dir_all(folder).unwrap();
+        }
+    }
+    config
+}
+
+#[test]
+fn a_large_drop_is_taken_in_group_by_group_each_letter_once() {
+    // More letters than one intake group, two of them identical (different
+    // file names, same recipients, subject, text and document): every
+    // distinct letter is stored once with its sent folder, the copy is
+    // refused as a duplicate even though both were claimed in one group,
+    // and nothing is left claimed.
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    let mailbox = config.mailboxes.values().next().unwrap().clone();
+    let total = pecgate::outbound::INTAKE_GROUP * 2 + 5;
+    // Letter 3 has no document, so that its copy can be identical.
+    let letter = |i: usize| {
+        let attachments = if i == 3 {
+            String::new()
+        } else {
+            format!("attachments = [\"doc-{i}.pdf\"]\n")
+        };
+        format!(
+            "to = [\"mario.rossi@pec.example.it\"]\nsubject = \"Lettera {i}\"\nbody = \"Testo {i}\"\n{attachments}"
+        )
+    };
+    for i in 0..total {
+        if i != 3 {
+            fs::write(
+                mailbox.outbox.join(format!("doc-{i}.pdf")),
+                format!("%PDF {i}"),
+            )
+            .unwrap();
+        }
+        fs::write(
+            mailbox.outbox.join(format!("lettera-{i:03}.toml")),
+            letter(i),
+        )
+        .unwrap();
+    }
+    // The copy of letter 3 under another name.
+    fs::write(mailbox.outbox.join("copia.toml"), letter(3)).unwrap();
+    let mut db = pecgate::store::Db::open(&config.store.database).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stored = pecgate::outbound::intake_pass(&mut db, &config, &mailbox, false, &cancel);
+    assert_eq!(stored, total, "every distinct letter stored");
+    let rejected: Vec<_> = fs::read_dir(mailbox.outbox.join("rejected"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    let report = fs::read_to_string(
+        mailbox
+            .outbox
+            .join("rejected")
+            .join(&rejected[0])
+            .join(format!("{}.error.txt", rejected[0])),
+    )
+    .unwrap();
+    assert!(report.contains("allow_duplicate"), "{report}");
+    // Each stored letter has its folder with the document and dispatch.json.
+    let mut by_source = std::collections::BTreeMap::new();
+    for year in fs::read_dir(&mailbox.sent).unwrap() {
+        for month in fs::read_dir(year.unwrap().path()).unwrap() {
+            for folder in fs::read_dir(month.unwrap().path()).unwrap() {
+                let folder = folder.unwrap().path();
+                let record: serde_json::Value =
+                    serde_json::from_slice(&fs::read(folder.join("dispatch.json")).unwrap())
+                        .unwrap();
+                let source = record["source"].as_str().unwrap().to_owned();
+                assert!(folder.join("status.txt").is_file());
+                assert!(by_source.insert(source, folder).is_none(), "stored twice");
+            }
+        }
+    }
+    assert_eq!(by_source.len(), total);
+    for i in 0..total {
+        let name = format!("lettera-{i:03}.toml");
+        let folder = match by_source.get(&name) {
+            Some(f) => f,
+            None if rejected[0] == format!("lettera-{i:03}") => &by_source["copia.toml"],
+            None => panic!("{name} not stored"),
+        };
+        if i == 3 {
+            continue;
+        }
+        assert_eq!(
+            fs::read(folder.join(format!("doc-{i}.pdf"))).unwrap(),
+            format!("%PDF {i}").into_bytes()
+        );
+    }
+    // Nothing is left in the outbox or claimed.
+    let left: Vec<_> = fs::read_dir(&mailbox.outbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "rejected" && n != ".processing")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        fs::read_dir(mailbox.outbox.join(".processing"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A second pass finds nothing to do.
+    assert_eq!(
+        pecgate::outbound::intake_pass(&mut db, &config, &mailbox, true, &cancel),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_daemon_intake_stores_group_by_group_and_wakes_the_sender() {
+    // `intake_round` (the daemon's pass) takes the letters in as separate
+    // store jobs and wakes the sender as soon as a group is queued.
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::sync::Arc::new(gateway_config(dir.path()));
+    let mailbox = config.mailboxes.values().next().unwrap().clone();
+    let total = pecgate::outbound::INTAKE_GROUP + 7;
+    for i in 0..total {
+        fs::write(
+            mailbox.outbox.join(format!("lettera-{i:03}.toml")),
+            format!("to = [\"mario.rossi@pec.example.it\"]\nsubject = \"Lettera {i}\"\nbody = \"Testo {i}\"\n"),
+        )
+        .unwrap();
+    }
+    let store = pecgate::store::Store::open(&config.store.database)
+        .await
+        .unwrap();
+    let queued = tokio::sync::Notify::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stored =
+        pecgate::outbound::intake_round(&store, &config, &mailbox, true, &cancel, &queued).await;
+    assert_eq!(stored, total);
+    tokio::time::timeout(Duration::from_secs(1), queued.notified())
+        .await
+        .expect("the sender was woken");
+    let n = store
+        .call(|db| db.next_queued("protocollo", 1000))
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, total);
+    store.close().await.unwrap();
+}

@@ -332,7 +332,8 @@ fn letter_files(envelope: Option<&[u8]>, csv: Option<&[u8]>) -> Vec<String> {
 /// Claims a candidate: creates `outbox/.processing/<claim-id>/`, records
 /// which file is the envelope, renames the envelope into it (the atomic
 /// point), then its CSV and every file the claimed envelope names (files
-/// missing by then are left for [`load`] to report).
+/// missing by then are left for [`load`] to report). The claim is durable
+/// when this returns. [`claim_group`] with one candidate.
 ///
 /// # Errors
 ///
@@ -340,53 +341,170 @@ fn letter_files(envelope: Option<&[u8]>, csv: Option<&[u8]>) -> Vec<String> {
 /// claimed it; the claim folder is removed); [`ClaimError::Io`] when the
 /// outbox cannot be changed.
 pub fn claim(candidate: &Candidate, outbox: &Path, now: SystemTime) -> Result<Claim, ClaimError> {
+    claim_group(std::slice::from_ref(candidate), outbox, now)
+        .pop()
+        .unwrap_or_else(|| {
+            Err(ClaimError::Io(IntakeError {
+                action: "claiming",
+                path: outbox.join(&candidate.envelope),
+                source: io::Error::other("no result"),
+            }))
+        })
+}
+
+/// Claims several candidates at once, as [`claim`] does one, with the
+/// fsyncs of the whole group issued together (`archive::sync_all`): one
+/// result per candidate, in order. Every claim returned `Ok` is durable.
+///
+/// The order that makes a claim safe, for the group as a whole:
+/// 1. every claim folder is created and its `.claim` marker written, and
+///    the markers are fsync'd: a marker must be complete on disk before the
+///    envelope it names can be in the folder, or [`recover`] could not tell
+///    which file is the envelope after a power cut;
+/// 2. each envelope is renamed into its folder (the atomic point: a second
+///    daemon racing for the letter gets [`ClaimError::Taken`]), then its CSV
+///    and the files it names;
+/// 3. the outbox (the files left it), `.processing/` (the new claim
+///    folders) and every claim folder (the files arrived) are fsync'd: the
+///    caller commits the letters to the store only after this, so a power
+///    cut can never bring back into the outbox a letter the store already
+///    has (it would be claimed again under a new claim id and sent twice).
+pub fn claim_group(
+    candidates: &[Candidate],
+    outbox: &Path,
+    now: SystemTime,
+) -> Vec<Result<Claim, ClaimError>> {
     let processing = outbox.join(PROCESSING_DIR);
-    ensure_dir(&processing)?;
-    let id = claim_id(now);
-    let dir = processing.join(&id);
-    make_dir(&dir).map_err(io_err("creating folder", &dir))?;
-    let mut marker = candidate.envelope.as_bytes().to_vec();
-    if let Some(csv) = &candidate.csv {
-        marker.push(0);
-        marker.extend_from_slice(csv.as_bytes());
+    if let Err(e) = ensure_dir(&processing) {
+        return candidates
+            .iter()
+            .map(|_| {
+                Err(ClaimError::Io(IntakeError {
+                    action: e.action,
+                    path: e.path.clone(),
+                    source: io::Error::new(e.source.kind(), e.source.to_string()),
+                }))
+            })
+            .collect();
     }
-    if let Err(e) = write_file_atomic(&dir.join(CLAIM_MARKER), &marker) {
-        let _ = fs::remove_dir_all(&dir);
-        return Err(e.into());
-    }
-    let from = outbox.join(&candidate.envelope);
-    if let Err(e) = fs::rename(&from, dir.join(&candidate.envelope)) {
-        let _ = fs::remove_file(dir.join(CLAIM_MARKER));
-        let _ = fs::remove_dir(&dir);
-        if e.kind() == io::ErrorKind::NotFound {
-            return Err(ClaimError::Taken { path: from });
+    // 1. Folders and markers.
+    let mut prepared: Vec<Result<(String, PathBuf), ClaimError>> = Vec::new();
+    let mut markers = Vec::new();
+    for candidate in candidates {
+        let id = claim_id(now);
+        let dir = processing.join(&id);
+        if let Err(e) = make_dir(&dir) {
+            prepared.push(Err(io_err("creating folder", &dir)(e).into()));
+            continue;
         }
-        return Err(io_err("moving", &from)(e).into());
+        let mut marker = candidate.envelope.as_bytes().to_vec();
+        if let Some(csv) = &candidate.csv {
+            marker.push(0);
+            marker.extend_from_slice(csv.as_bytes());
+        }
+        let path = dir.join(CLAIM_MARKER);
+        if let Err(e) = write_file_unsynced(&path, &marker) {
+            let _ = fs::remove_dir_all(&dir);
+            prepared.push(Err(e.into()));
+            continue;
+        }
+        markers.push(path);
+        prepared.push(Ok((id, dir)));
     }
-    let claim = Claim {
-        id,
-        dir,
-        envelope: candidate.envelope.clone(),
-        csv: candidate.csv.clone(),
-    };
-    // Past the atomic point the letter is ours: a file that cannot be moved
-    // now is reported by load() (missing), never left half-claimed.
-    if let Err(e) = gather(&claim, outbox) {
-        warn!({ field::PATH } = %claim.dir.display(), { field::ERROR } = %e, "claim incomplete");
+    if let Err(e) = crate::archive::sync_all(&markers) {
+        // No envelope has moved: undo the folders, the letters stay in the
+        // outbox for the next pass.
+        for (_, dir) in prepared.iter().flatten() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        return candidates
+            .iter()
+            .map(|c| {
+                Err(ClaimError::Io(IntakeError {
+                    action: "syncing claim marker",
+                    path: outbox.join(&c.envelope),
+                    source: io::Error::new(e.source.kind(), e.to_string()),
+                }))
+            })
+            .collect();
     }
-    info!(
-        { field::EVENT } = event::LETTER_CLAIMED,
-        { field::PATH } = %claim.dir.display(),
-        letter = %claim.name(),
-        "letter claimed"
-    );
-    Ok(claim)
+    // 2. The atomic points, then the other files.
+    let mut out = Vec::with_capacity(candidates.len());
+    let mut to_sync = vec![outbox.to_path_buf(), processing.clone()];
+    for (candidate, prep) in candidates.iter().zip(prepared) {
+        let (id, dir) = match prep {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(Err(e));
+                continue;
+            }
+        };
+        let from = outbox.join(&candidate.envelope);
+        if let Err(e) = fs::rename(&from, dir.join(&candidate.envelope)) {
+            let _ = fs::remove_file(dir.join(CLAIM_MARKER));
+            let _ = fs::remove_dir(&dir);
+            if e.kind() == io::ErrorKind::NotFound {
+                out.push(Err(ClaimError::Taken { path: from }));
+            } else {
+                out.push(Err(io_err("moving", &from)(e).into()));
+            }
+            continue;
+        }
+        let claim = Claim {
+            id,
+            dir,
+            envelope: candidate.envelope.clone(),
+            csv: candidate.csv.clone(),
+        };
+        // Past the atomic point the letter is ours: a file that cannot be
+        // moved now is reported by load() (missing), never left half-claimed.
+        if let Err(e) = gather_files(&claim, outbox) {
+            warn!({ field::PATH } = %claim.dir.display(), { field::ERROR } = %e, "claim incomplete");
+        }
+        to_sync.push(claim.dir.clone());
+        out.push(Ok(claim));
+    }
+    // 3. Durable before anything is stored.
+    if let Err(e) = crate::archive::sync_all(&to_sync) {
+        // The claims exist but may not be durable: the caller must not
+        // store them now. They are taken up again by `recover` at the next
+        // start (or fail again here).
+        return out
+            .into_iter()
+            .map(|r| {
+                r.and_then(|c| {
+                    Err(ClaimError::Io(IntakeError {
+                        action: "syncing claim",
+                        path: c.dir,
+                        source: io::Error::new(e.source.kind(), e.to_string()),
+                    }))
+                })
+            })
+            .collect();
+    }
+    for claim in out.iter().flatten() {
+        info!(
+            { field::EVENT } = event::LETTER_CLAIMED,
+            { field::PATH } = %claim.dir.display(),
+            letter = %claim.name(),
+            "letter claimed"
+        );
+    }
+    out
 }
 
 /// Moves into the claim folder the CSV and every file the claimed envelope
-/// names that is still in the outbox (after a crash, too). Folders are
-/// never moved.
+/// names that is still in the outbox (after a crash, too), and makes the
+/// moves durable. Folders are never moved.
 fn gather(claim: &Claim, outbox: &Path) -> Result<(), IntakeError> {
+    gather_files(claim, outbox)?;
+    sync_dir(outbox)?;
+    sync_dir(&claim.dir)?;
+    Ok(())
+}
+
+/// [`gather`] without the fsyncs (the caller syncs both folders).
+fn gather_files(claim: &Claim, outbox: &Path) -> Result<(), IntakeError> {
     let mut names: Vec<OsString> = claim.csv.iter().cloned().collect();
     let env = read_small(&claim.dir.join(&claim.envelope));
     let csv = claim
@@ -414,8 +532,6 @@ fn gather(claim: &Claim, outbox: &Path) -> Result<(), IntakeError> {
             Err(e) => return Err(io_err("moving", &from)(e)),
         }
     }
-    sync_dir(outbox)?;
-    sync_dir(&claim.dir)?;
     Ok(())
 }
 
@@ -1027,6 +1143,25 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), IntakeError> {
     };
     write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
+        io_err("writing", path)(e)
+    })
+}
+
+/// Writes a new file with mode 0640 under its final name, without fsync:
+/// the caller fsyncs it (with others, `archive::sync_all`) before anything
+/// depends on it.
+fn write_file_unsynced(path: &Path, bytes: &[u8]) -> Result<(), IntakeError> {
+    let write = || -> io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)?;
+        f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+        f.write_all(bytes)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(path);
         io_err("writing", path)(e)
     })
 }

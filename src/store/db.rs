@@ -24,6 +24,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_events_by_mailbox",
         include_str!("migrations/0002_events_by_mailbox.sql"),
     ),
+    (
+        "0003_retention",
+        include_str!("migrations/0003_retention.sql"),
+    ),
 ];
 
 /// The schema version this binary writes: the number of [`MIGRATIONS`].
@@ -54,9 +58,9 @@ pub struct Pragmas {
 /// each one `BEGIN IMMEDIATE` transaction.
 pub struct Db {
     /// The only connection this value uses.
-    conn: Connection,
+    pub(super) conn: Connection,
     /// For error messages.
-    path: String,
+    pub(super) path: String,
 }
 
 impl std::fmt::Debug for Db {
@@ -953,6 +957,26 @@ pub(crate) fn find(conn: &Connection, path: &str, key: &str) -> Result<Vec<Dispa
         .query_map(params![id, message_id, key], dispatch_from_row)
         .and_then(Iterator::collect)
         .map_err(sql(path, "find"))?;
+    Ok(rows)
+}
+
+/// The events of one dispatch, in order (for [`Db::events_for`] and
+/// [`super::Tx::events_for`]).
+pub(crate) fn events_for(
+    conn: &Connection,
+    path: &str,
+    dispatch_id: &str,
+) -> Result<Vec<EventRow>> {
+    const OP: &str = "events_for";
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLS} FROM events WHERE dispatch_id = ?1 ORDER BY seq"
+        ))
+        .map_err(sql(path, OP))?;
+    let rows = stmt
+        .query_map([dispatch_id], event_from_row)
+        .and_then(Iterator::collect)
+        .map_err(sql(path, OP))?;
     Ok(rows)
 }
 

@@ -40,6 +40,9 @@ mod db;
 mod error;
 mod handle;
 mod id;
+mod inbound;
+mod query;
+mod rebuild;
 mod time;
 mod tx;
 
@@ -53,6 +56,9 @@ pub use id::{
     DISPATCH_ID_LEN, canonical_dispatch_id, dispatch_id_from_parts, dispatch_id_time_ms,
     is_dispatch_id, new_dispatch_id,
 };
+pub use inbound::{CursorUpdate, DeadlineCutoffs};
+pub use query::{ReceiptCount, ReportLetter, ReportRecipient};
+pub use rebuild::RestoredAttempt;
 pub use tx::Tx;
 
 /// The store's result type.

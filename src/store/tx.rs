@@ -17,8 +17,8 @@ use crate::pec::ids::{canonical_address, normalize_message_id};
 /// a state) in this same transaction; nothing is on disk until [`super::Db::write`]
 /// commits, and nothing is if the closure returns `Err`.
 pub struct Tx<'a> {
-    tx: rusqlite::Transaction<'a>,
-    path: &'a str,
+    pub(super) tx: rusqlite::Transaction<'a>,
+    pub(super) path: &'a str,
 }
 
 impl std::fmt::Debug for Tx<'_> {
@@ -88,6 +88,16 @@ impl<'a> Tx<'a> {
     /// [`StoreError::Sqlite`].
     pub fn find(&self, key: &str) -> Result<Vec<DispatchRow>> {
         db::find(&self.tx, self.path, key)
+    }
+
+    /// [`super::Db::events_for`] inside this transaction (ingest applies a
+    /// batch of receipts in one transaction, each seeing the previous ones).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn events_for(&self, dispatch_id: &str) -> Result<Vec<EventRow>> {
+        db::events_for(&self.tx, self.path, dispatch_id)
     }
 
     /// [`super::Db::find_by_content_hash`] inside this transaction (the outbox checks
@@ -429,6 +439,33 @@ impl<'a> Tx<'a> {
         )
     }
 
+    /// A receipt from the provider proved that the attempt with `message_id` reached
+    /// it: a `sending` or `uncertain` attempt becomes `submitted` (the dispatch's
+    /// state is the receipt's business: [`Tx::set_dispatch_state`]). Returns whether a
+    /// row changed. The event is written by the caller, with the receipt's detail.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn attempt_proven(
+        &self,
+        dispatch_id: &str,
+        message_id: &str,
+        at: Timestamp,
+    ) -> Result<bool> {
+        const OP: &str = "attempt_proven";
+        let mid = normalize_message_id(message_id).unwrap_or_else(|| message_id.to_owned());
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE attempts SET state = 'submitted', finished_at = coalesce(finished_at, ?3) \
+                 WHERE dispatch_id = ?1 AND message_id = ?2 AND state IN ('sending', 'uncertain')",
+            )
+            .and_then(|mut s| s.execute(params![dispatch_id, mid, time::fmt(at)]))
+            .map_err(self.err(OP))?;
+        Ok(n > 0)
+    }
+
     fn finish_attempt(
         &self,
         dispatch_id: &str,
@@ -437,26 +474,55 @@ impl<'a> Tx<'a> {
         f: Finish<'_>,
     ) -> Result<()> {
         let op = f.op;
-        let attempt: Option<(String, String)> = self
+        let attempt: Option<(String, String, Option<String>)> = self
             .tx
             .prepare_cached(
-                "SELECT state, message_id FROM attempts WHERE dispatch_id = ?1 AND n = ?2",
+                "SELECT state, message_id, smtp_reply FROM attempts \
+                 WHERE dispatch_id = ?1 AND n = ?2",
             )
             .and_then(|mut s| {
-                s.query_row(params![dispatch_id, n], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
+                s.query_row(params![dispatch_id, n], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
             })
             .map_err(self.err(op))?;
-        let (state, message_id) = attempt.ok_or_else(|| {
+        let (state, message_id, earlier_reply) = attempt.ok_or_else(|| {
             StoreError::NotFound(format!("attempt {n} of dispatch {dispatch_id}"))
         })?;
+        let d = self.require_dispatch(dispatch_id)?;
+        let ts = time::fmt(at);
+        // `submitted` without an SMTP reply: proven by a receipt
+        // ([`Tx::attempt_proven`]); with one, already finished by SMTP.
+        if state == "submitted" && earlier_reply.is_none() {
+            // A receipt from the provider (ingested while the SMTP reply was
+            // still on its way) already proved this attempt reached it, and
+            // the receipt's state stands: the SMTP outcome is only recorded.
+            self.tx
+                .prepare_cached(
+                    "UPDATE attempts SET smtp_reply = coalesce(?3, smtp_reply) \
+                     WHERE dispatch_id = ?1 AND n = ?2",
+                )
+                .and_then(|mut s| s.execute(params![dispatch_id, n, f.reply]))
+                .map_err(self.err(op))?;
+            self.append_event(&NewEvent {
+                at,
+                mailbox: Some(d.mailbox.clone()),
+                dispatch_id: Some(d.id.clone()),
+                event: "attempt.smtp_outcome".into(),
+                cause: f.cause.to_owned(),
+                detail: json!({
+                    "attempt": n, "message_id": message_id, "smtp_outcome": f.attempt_state,
+                    "smtp_reply": f.reply, "kept": "submitted (proven by a receipt)",
+                }),
+            })?;
+            return Ok(());
+        }
         if state != "sending" {
             return Err(StoreError::Invalid(format!(
                 "attempt {n} of dispatch {dispatch_id} is {state}, not sending"
             )));
         }
-        let d = self.require_dispatch(dispatch_id)?;
-        let ts = time::fmt(at);
         self.tx
             .prepare_cached(
                 "UPDATE attempts SET state = ?3, finished_at = ?4, \

@@ -48,8 +48,20 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the daemon for the sandbox of `env`, with these extra
     /// environment variables (configuration overrides), and waits until it
-    /// says it is running.
+    /// says it is running. The outbound half only: the office mailbox's IMAP
+    /// port is pointed at a closed port, so no receipt is taken in (the
+    /// daemon keeps retrying, as with an unreachable server) and dispatch
+    /// states stop at submitted / uncertain / refused. [`Gateway::start_full`]
+    /// runs the whole loop.
     pub async fn start(env: &Env, vars: &[(&str, &str)]) -> Gateway {
+        let mut all = vec![("PECGATE__MAILBOX__PROTOCOLLO__IMAP__PORT", "9")];
+        all.extend_from_slice(vars);
+        Self::start_full(env, &all).await
+    }
+
+    /// Like [`Gateway::start`], with the inbound tasks reading the office
+    /// mailbox (receipts applied, incoming mail unpacked).
+    pub async fn start_full(env: &Env, vars: &[(&str, &str)]) -> Gateway {
         let dir = env.dir().to_path_buf();
         let mut gw = Gateway {
             config: dir.join("pecgate.toml"),
@@ -527,5 +539,52 @@ impl Rng {
     /// A value in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Other commands (added for tests/lifecycle.rs)
+
+impl Gateway {
+    /// `pecgate --config F ARGS...` with the daemon's configuration
+    /// overrides: (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pecgate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("PECGATE_CONFIG")
+            .env_remove("PECGATE_LOG_FORMAT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run pecgate");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Other commands against the same configuration
+
+impl Gateway {
+    /// `pecgate --config F ARGS...` with this gateway's configuration
+    /// overrides (environment), run to completion: its output and status.
+    pub async fn command(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pecgate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("PECGATE_CONFIG")
+            .env_remove("PECGATE_LOG_FORMAT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("run pecgate {args:?}: {e}"))
     }
 }

@@ -1,0 +1,283 @@
+//! Writes that only `pecgate reindex` makes: a letter restored from its
+//! `dispatch.json` (the row, its recipients, documents and attempts as they
+//! were recorded, not as the outbox and the sender would write them step by
+//! step), and the durability switch of a database being rebuilt.
+//!
+//! Every restored row gets its event with cause `reindex` in the same
+//! transaction, so the rebuilt log says where each row came from.
+
+use jiff::Timestamp;
+use rusqlite::params;
+use serde_json::{Value, json};
+
+use super::db::Db;
+use super::error::{StoreError, sql};
+use super::tx::Tx;
+use super::{ATTEMPT_STATES, NewDispatch, NewEvent, Result, check_name, time};
+use crate::pec::ids::{canonical_address, normalize_message_id};
+
+/// One attempt as `dispatch.json` recorded it, to restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredAttempt {
+    /// 1, 2, … as recorded.
+    pub n: u32,
+    /// Its Message-ID (normalised on the way in).
+    pub message_id: String,
+    /// The state to store, one of [`ATTEMPT_STATES`] (the caller turns a
+    /// recorded `sending` into `uncertain`, as a restart would).
+    pub state: String,
+    /// The state `dispatch.json` recorded, for the event.
+    pub recorded_state: String,
+    /// SHA-256 of the exact bytes sent (a `messages` row, recorded first).
+    pub eml_sha256: String,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended, if it did.
+    pub finished_at: Option<Timestamp>,
+    /// The relay's reply.
+    pub smtp_reply: Option<String>,
+}
+
+impl Tx<'_> {
+    /// Restores a letter as `queued` with its recipients (`pending`) and
+    /// documents, exactly like [`Tx::insert_dispatch`] checks them, and
+    /// appends `dispatch.queued` with cause `reindex` (its detail repeats the
+    /// letter and names the folder it was restored from).
+    ///
+    /// # Errors
+    ///
+    /// As [`Tx::insert_dispatch`].
+    pub fn restore_dispatch(&self, d: &NewDispatch, restored_from: &str) -> Result<()> {
+        const OP: &str = "restore_dispatch";
+        if super::canonical_dispatch_id(&d.id).as_deref() != Some(d.id.as_str()) {
+            return Err(StoreError::Invalid(format!(
+                "dispatch id {:?} is not a ULID",
+                d.id
+            )));
+        }
+        check_sha256("content hash", &d.content_hash)?;
+        if d.recipients.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "dispatch {}: no recipient",
+                d.id
+            )));
+        }
+        let mut addresses: Vec<String> = Vec::with_capacity(d.recipients.len());
+        for r in &d.recipients {
+            let a = canonical_address(&r.address);
+            if a.is_empty() || addresses.contains(&a) {
+                return Err(StoreError::Invalid(format!(
+                    "dispatch {}: recipient {a:?} empty or listed twice",
+                    d.id
+                )));
+            }
+            addresses.push(a);
+        }
+        for (i, doc) in d.documents.iter().enumerate() {
+            check_sha256("document hash", &doc.sha256)?;
+            if d.documents[..i].iter().any(|o| o.name == doc.name) {
+                return Err(StoreError::Invalid(format!(
+                    "dispatch {}: document {:?} listed twice",
+                    d.id, doc.name
+                )));
+            }
+        }
+        let at = time::fmt(d.created_at);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO dispatches (id, mailbox, kind, protocol, reference, subject, \
+                 receipt_type, in_reply_to, state, content_hash, source, sent_dir, created_at, \
+                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, \
+                 ?12, ?12)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    d.id,
+                    d.mailbox,
+                    d.kind,
+                    d.protocol,
+                    d.reference,
+                    d.subject,
+                    d.receipt_type,
+                    d.in_reply_to,
+                    d.content_hash,
+                    d.source,
+                    d.sent_dir,
+                    at
+                ])
+            })
+            .map_err(sql(self.path, OP))?;
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached(
+                    "INSERT INTO recipients (dispatch_id, address, position, field, state, \
+                     updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+                )
+                .map_err(sql(self.path, OP))?;
+            for (i, (r, a)) in d.recipients.iter().zip(&addresses).enumerate() {
+                stmt.execute(params![d.id, a, i as i64, r.field.as_str(), at])
+                    .map_err(sql(self.path, OP))?;
+            }
+            let mut stmt = self
+                .tx
+                .prepare_cached(
+                    "INSERT INTO documents (dispatch_id, position, name, sha256, size) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql(self.path, OP))?;
+            for (i, doc) in d.documents.iter().enumerate() {
+                let size = i64::try_from(doc.size)
+                    .map_err(|_| StoreError::Invalid(format!("size {} too large", doc.size)))?;
+                stmt.execute(params![d.id, i as i64, doc.name, doc.sha256, size])
+                    .map_err(sql(self.path, OP))?;
+            }
+        }
+        let recipients: Vec<Value> = d
+            .recipients
+            .iter()
+            .zip(&addresses)
+            .map(|(r, a)| json!({"address": a, "field": r.field.as_str()}))
+            .collect();
+        let documents: Vec<Value> = d
+            .documents
+            .iter()
+            .map(|doc| json!({"name": doc.name, "sha256": doc.sha256, "size": doc.size}))
+            .collect();
+        self.append_event(&NewEvent {
+            at: d.created_at,
+            mailbox: Some(d.mailbox.clone()),
+            dispatch_id: Some(d.id.clone()),
+            event: "dispatch.queued".into(),
+            cause: "reindex".into(),
+            detail: json!({
+                "to": "queued",
+                "restored_from": restored_from,
+                "source": d.source,
+                "content_hash": d.content_hash,
+                "kind": d.kind,
+                "protocol": d.protocol,
+                "reference": d.reference,
+                "subject": d.subject,
+                "receipt_type": d.receipt_type,
+                "in_reply_to": d.in_reply_to,
+                "sent_dir": d.sent_dir,
+                "recipients": recipients,
+                "documents": documents,
+            }),
+        })?;
+        Ok(())
+    }
+
+    /// Restores one attempt row of a restored dispatch with its recorded
+    /// times and reply, and appends `attempt.restored` (cause `reindex`). The
+    /// dispatch's state is set afterwards by the caller
+    /// ([`Tx::set_dispatch_state`]), from its last attempt.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] for an unknown state, an empty Message-ID or a
+    /// malformed hash; [`StoreError::Sqlite`] when the message is not
+    /// recorded, the number or the Message-ID is taken.
+    pub fn restore_attempt(
+        &self,
+        dispatch_id: &str,
+        mailbox: &str,
+        a: &RestoredAttempt,
+    ) -> Result<()> {
+        const OP: &str = "restore_attempt";
+        check_name("attempt state", ATTEMPT_STATES, &a.state)?;
+        check_sha256("message hash", &a.eml_sha256)?;
+        let mid = normalize_message_id(&a.message_id).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "dispatch {dispatch_id}: attempt {} has no Message-ID",
+                a.n
+            ))
+        })?;
+        if a.n == 0 {
+            return Err(StoreError::Invalid(format!(
+                "dispatch {dispatch_id}: attempt number 0"
+            )));
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO attempts (dispatch_id, n, message_id, state, eml_sha256, started_at, \
+                 finished_at, smtp_reply) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    dispatch_id,
+                    a.n,
+                    mid,
+                    a.state,
+                    a.eml_sha256,
+                    time::fmt(a.started_at),
+                    a.finished_at.map(time::fmt),
+                    a.smtp_reply
+                ])
+            })
+            .map_err(sql(self.path, OP))?;
+        self.append_event(&NewEvent {
+            at: a.finished_at.unwrap_or(a.started_at),
+            mailbox: Some(mailbox.to_owned()),
+            dispatch_id: Some(dispatch_id.to_owned()),
+            event: "attempt.restored".into(),
+            cause: "reindex".into(),
+            detail: json!({
+                "attempt": a.n, "message_id": mid, "state": a.state,
+                "recorded_state": a.recorded_state, "eml_sha256": a.eml_sha256,
+                "started_at": time::fmt(a.started_at),
+                "finished_at": a.finished_at.map(time::fmt), "smtp_reply": a.smtp_reply,
+            }),
+        })?;
+        Ok(())
+    }
+}
+
+impl Db {
+    /// Sets `PRAGMA synchronous` for a database that nobody else uses yet
+    /// (`reindex` builds it under a temporary name): `false` = OFF while it
+    /// is filled (a crash loses only the temporary file), `true` = FULL
+    /// again before it is checkpointed and published.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn set_rebuild_durability(&self, full: bool) -> Result<()> {
+        self.conn
+            .pragma_update(None, "synchronous", if full { "FULL" } else { "OFF" })
+            .map_err(sql(&self.path, "set_rebuild_durability"))
+    }
+
+    /// Every dispatch id with its sent folder, oldest first (for rewriting
+    /// the status files after a rebuild).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn dispatch_folders(&self) -> Result<Vec<(String, String)>> {
+        const OP: &str = "dispatch_folders";
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, sent_dir FROM dispatches ORDER BY created_at, id")
+            .map_err(sql(&self.path, OP))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(Iterator::collect)
+            .map_err(sql(&self.path, OP))?;
+        Ok(rows)
+    }
+}
+
+fn check_sha256(what: &str, s: &str) -> Result<()> {
+    if s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{what} {s:?} is not a lowercase hex SHA-256"
+        )))
+    }
+}
