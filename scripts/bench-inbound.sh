@@ -9,6 +9,7 @@
 #                      # (strace -c -f -w slows the daemon: not a throughput run)
 #   PERF=1 RECEIPTS=2000 LATENCY=0 scripts/bench-inbound.sh
 #                      # also profile the daemon (perf record -g) during the backlog
+#                      # (PERF_CALLGRAPH="--call-graph dwarf": callers resolved)
 #   KEEP=/tmp/bench-in scripts/bench-inbound.sh   # keep the world and logs
 #
 # What it does:
@@ -159,7 +160,10 @@ if [ "$STRACE" != 0 ]; then
     strace -c -f -w -o "$work/strace.txt" -p "$daemon_pid" 2>/dev/null &
     strace_pid=$!
 elif [ "${PERF:-0}" != 0 ]; then
-    perf record -F 499 -g -p "$daemon_pid" -o "$work/perf.data" 2>/dev/null >/dev/null &
+    # PERF_CALLGRAPH="--call-graph dwarf" resolves the callers of SQLite's
+    # and libc's functions (the release build keeps no frame pointers).
+    # shellcheck disable=SC2086
+    perf record -F 499 ${PERF_CALLGRAPH:--g} -p "$daemon_pid" -o "$work/perf.data" 2>/dev/null >/dev/null &
     strace_pid=$!
 fi
 deadline=$((SECONDS + TIMEOUT))

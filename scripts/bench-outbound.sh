@@ -8,6 +8,12 @@
 #                      # also count the daemon's syscalls during the batch
 #                      # (strace -c -f -w: slows the daemon down; the batch
 #                      # figures of such a run are not throughput figures)
+#   STRACE=calls BATCH=10000 SEND=0 scripts/bench-outbound.sh
+#                      # every file-system call of the intake with its duration
+#                      # (strace -f -T -ttt -y), summed per 1,000 letters queued
+#                      # and per kind of path: which call grows with the batch
+#   SEND=0 scripts/bench-outbound.sh   # stop once every batch letter is queued
+#                      # (the intake figures only; the sender still runs meanwhile)
 #   KEEP=/tmp/bench-out scripts/bench-outbound.sh   # keep the world and logs
 #   NODELAY=1 scripts/bench-outbound.sh
 #                      # experiment: the daemon runs with an LD_PRELOAD shim
@@ -38,7 +44,8 @@
 # Parameters (environment): N, BATCH, DOC_BYTES (2048), DAEMON_CPU,
 # SANDBOX_CPU, NICE, SUBMIT_TIMEOUT (seconds to wait for the batch to be
 # submitted, default 1800), LATENCY=0 or BATCH=0 to skip a phase, STRACE=1,
-# NODELAY=1, KEEP=DIR, PECGATE=/path/to/pecgate (skips the build).
+# STRACE=calls, SEND=0, NODELAY=1, KEEP=DIR, PECGATE=/path/to/pecgate (skips
+# the build).
 set -euo pipefail
 
 N=${N:-200}
@@ -49,6 +56,8 @@ SANDBOX_CPU=${SANDBOX_CPU:-0}
 SUBMIT_TIMEOUT=${SUBMIT_TIMEOUT:-1800}
 LATENCY=${LATENCY:-1}
 STRACE=${STRACE:-0}
+SEND=${SEND:-1}
+export SEND
 NODELAY=${NODELAY:-0}
 if [ "$(id -u)" -eq 0 ]; then NICE=${NICE:--10}; else NICE=${NICE:-0}; fi
 
@@ -112,7 +121,7 @@ trap 'exit 130' INT TERM
 
 # The analysis: python3, standard library only.
 cat >"$work/analyse.py" <<'PY'
-import json, sys, datetime, math
+import json, os, re, sys, datetime, math, collections
 
 def ts(s):
     return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
@@ -194,6 +203,22 @@ def batch(log, rss, start, batch_n):
     started = times("daemon.started")
     claimed, queued, submitted = times("letter.claimed"), times("dispatch.queued"), times("dispatch.submitted")
     rejected = times("letter.rejected")
+    io = []
+    try:
+        with open(os.path.join(os.path.dirname(rss), "io.txt")) as f:
+            for line in f:
+                x = line.split()
+                if len(x) == 4:
+                    io.append((float(x[0]), int(x[1]), int(x[2]), int(x[3])))
+    except OSError:
+        pass
+    def io_between(t0, t1):
+        xs = [s for s in io if t0 <= s[0] <= t1]
+        if len(xs) < 2:
+            return ""
+        own = (xs[-1][1] - xs[0][1]) / 2**20
+        dev = (xs[-1][3] - xs[0][3]) * 512 / 2**20
+        return f", disk {dev:.0f} MiB ({own:.0f} by pecgate), {(xs[-1][2] - xs[0][2]) / (xs[-1][0] - xs[0][0]):.0f} writes/s"
     samples = []
     with open(rss) as f:
         for line in f:
@@ -225,6 +250,19 @@ def batch(log, rss, start, batch_n):
         if c:
             print(f"    daemon CPU time in that interval: {c[0]:.2f} s of {c[1]:.2f} s wall "
                   f"({100 * c[0] / c[1]:.0f}% of one core; {ms(c[0] / len(queued))} CPU per letter)")
+        # Per 1,000 letters queued: does the intake slow down as the batch
+        # proceeds? (and how many letters the sender submitted meanwhile)
+        seg = []
+        prev = claimed[0] if claimed else start
+        for i in range(999, len(queued), 1000):
+            d = max(queued[i] - prev, 1e-9)
+            c = cpu_between(prev, queued[i])
+            cpu = f", CPU {100 * c[0] / c[1]:.0f}%" if c and c[1] > 0 else ""
+            sent = sum(1 for x in submitted if x <= queued[i])
+            seg.append(f"{i + 1}: {1000 / d:.0f}/s{cpu}{io_between(prev, queued[i])}, {sent} sent")
+            prev = queued[i]
+        if seg:
+            print("    per 1,000 letters queued:\n      " + "\n      ".join(seg))
     if submitted:
         t0 = queued[-1] if queued else t_started
         d = submitted[-1] - t0
@@ -253,10 +291,61 @@ def batch(log, rss, start, batch_n):
             xs = [s[1] for s in samples if phase(s[0]) == name]
             if xs:
                 print(f"    {name}: max VmRSS {max(xs) / 1024:.1f} MiB, median {sorted(xs)[len(xs) // 2] / 1024:.1f} MiB")
-    ok = len(queued) == batch_n and len(submitted) == batch_n
+    ok = len(queued) == batch_n and (len(submitted) == batch_n or os.environ.get("SEND") == "0")
     return 0 if ok else 1
 
+def calls(trace, log):
+    """strace -f -T -ttt -y lines, per 1,000 letters queued: calls and seconds
+    per (syscall, kind of path)."""
+    queued = [e["t"] for e in events(log) if e.get("event") == "dispatch.queued"]
+    if len(queued) < 1000:
+        return 0
+    bounds = queued[999::1000]
+    line_re = re.compile(r"^\d+\s+(\d+\.\d+) (\w+)\((.*)\)\s+=\s+(-?\d+).*<([\d.]+)>$")
+    def kind(args):
+        for pat, name in (("-wal>", "store WAL"), ("-journal", "store journal"), (".sqlite", "store db"),
+                          ("pecgate.db", "store db"), ("/.processing/", "outbox/.processing/*"),
+                          (".processing>", "outbox/.processing"), ("/outbox/rejected", "rejected"),
+                          ("/sent/", "sent/…/<id>/*"), ("/archive/", "archive"), ("/outbox", "outbox")):
+            if pat in args:
+                return name
+        return "other"
+    segs = [collections.Counter() for _ in bounds]
+    count = [collections.Counter() for _ in bounds]
+    unfinished_re = re.compile(r"^(\d+)\s+(\d+\.\d+) (\w+)\((.*) <unfinished \.\.\.>$")
+    resumed_re = re.compile(r"^(\d+)\s+\d+\.\d+ <\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+).*<([\d.]+)>$")
+    started = {}
+    with open(trace, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            m = line_re.match(line)
+            if m:
+                t, call, args, dur = float(m[1]), m[2], m[3], float(m[5])
+            elif (u := unfinished_re.match(line)):
+                started[u[1]] = (float(u[2]), u[3], u[4])
+                continue
+            elif (r := resumed_re.match(line)) and r[1] in started:
+                t, call, args = started.pop(r[1])
+                args, dur = args + r[3], float(r[5])
+            else:
+                continue
+            i = next((k for k, b in enumerate(bounds) if t <= b), None)
+            if i is None:
+                continue
+            key = (call, kind(args))
+            segs[i][key] += dur
+            count[i][key] += 1
+    keys = sorted({k for s in segs for k in s}, key=lambda k: -sum(s[k] for s in segs))
+    print("per 1,000 letters queued: calls / total ms in the call (strace -T, every thread)")
+    print(f"{'call':<10} {'path':<22} " + " ".join(f"{(i + 1) * 1000:>13}" for i in range(len(bounds))))
+    for k in keys[:18]:
+        print(f"{k[0]:<10} {k[1]:<22} " + " ".join(
+            f"{count[i][k]:>6}/{segs[i][k] * 1000:>6.0f}" for i in range(len(bounds))))
+    return 0
+
 if __name__ == "__main__":
+    if sys.argv[1] == "calls":
+        sys.exit(calls(*sys.argv[2:]))
     if sys.argv[1] == "latency":
         sys.exit(latency(*sys.argv[2:]))
     sys.exit(batch(*sys.argv[2:]))
@@ -265,11 +354,30 @@ PY
 # Sampler: "unix-time VmRSS-kB VmHWM-kB cpu-seconds" every 100 ms while the
 # process lives (cpu = user + system time of the whole process).
 cat >"$work/rss.py" <<'PY'
-import os, sys, time
+import os, re, sys, time
 pid, out = sys.argv[1], sys.argv[2]
 tick = os.sysconf("SC_CLK_TCK")
+# io.txt: "unix-time daemon-write-bytes device-writes device-write-sectors"
+# (whole disks of the machine, every process: to tell the daemon's own disk
+# traffic from everyone else's on a shared machine).
+def disks():
+    w = sec = 0
+    with open("/proc/diskstats") as d:
+        for line in d:
+            x = line.split()
+            if re.fullmatch(r"(vd|sd|xvd)[a-z]+|nvme\d+n\d+", x[2]):
+                w, sec = w + int(x[7]), sec + int(x[9])
+    return w, sec
+io = open(os.path.join(os.path.dirname(out), "io.txt"), "w")
 with open(out, "w") as f:
     while True:
+        try:
+            with open(f"/proc/{pid}/io") as s:
+                wb = dict(l.split(": ") for l in s.read().splitlines())["write_bytes"]
+            io.write(f"{time.time():.3f} {wb} {' '.join(map(str, disks()))}\n")
+            io.flush()
+        except (OSError, KeyError, ValueError):
+            pass
         try:
             with open(f"/proc/{pid}/status") as s:
                 st = s.read()
@@ -480,7 +588,12 @@ if [ "$BATCH" -gt 0 ]; then
     python3 "$work/rss.py" "$daemon_pid" "$work/rss.txt" &
     sampler_pid=$!
     poll=0.5
-    if [ "$STRACE" != 0 ]; then
+    if [ "$STRACE" = calls ]; then
+        strace -f -T -ttt -y -e trace=fsync,fdatasync,rename,renameat,renameat2,openat,getdents64,mkdir,mkdirat,unlink,unlinkat,rmdir,pwrite64 \
+            -o "$work/strace-calls.txt" -p "$daemon_pid" 2>/dev/null &
+        strace_pid=$!
+        poll=0.1
+    elif [ "$STRACE" != 0 ]; then
         strace -c -f -w -o "$work/strace-intake.txt" -p "$daemon_pid" 2>/dev/null &
         strace_pid=$!
         poll=0.1
@@ -497,7 +610,11 @@ if [ "$BATCH" -gt 0 ]; then
             if [ -n "$strace_pid" ]; then
                 kill -INT "$strace_pid" 2>/dev/null || true
                 wait "$strace_pid" 2>/dev/null || true
+                strace_pid=""
                 echo "(strace: $s letters were already submitted when the intake count stopped)"
+            fi
+            [ "$SEND" = 0 ] && break
+            if [ "$STRACE" = 1 ]; then
                 strace -c -f -w -o "$work/strace-send.txt" -p "$daemon_pid" 2>/dev/null &
                 strace_pid=$!
             fi
@@ -526,6 +643,10 @@ if [ "$BATCH" -gt 0 ]; then
 c = collections.Counter(json.loads(l)["state"] for l in sys.stdin if "Benchmark batch" in l)
 print(", ".join(f"{k}: {v}" for k, v in sorted(c.items())))')
     echo "batch letters in the store (pecgate list --json): $states"
+    if [ -s "$work/strace-calls.txt" ]; then
+        echo "== strace -f -T, intake phase"
+        python3 "$work/analyse.py" calls "$work/strace-calls.txt" "$log" || true
+    fi
     for phase in intake send; do
         if [ -s "$work/strace-$phase.txt" ]; then
             echo "== strace -c -f -w, $phase phase (time in syscalls, every thread of the daemon; $BATCH letters)"

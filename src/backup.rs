@@ -650,6 +650,25 @@ pub fn restore(config: &Config, src: &Path, force: bool) -> Result<RestoreSummar
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(RESTORE_FILE_MODE))
         .map_err(io_err(&tmp, "setting permissions"))?;
+    // Letters `queued` in the backup may have been sent after it: the
+    // restored database holds sending until every mailbox has been read
+    // again (the acceptances of such letters then mark them accepted).
+    // Written into the copy before it is put in place, so that a restored
+    // database never lacks it.
+    let held = (|| -> Result<(), StoreError> {
+        let mut db = crate::store::Db::open(&tmp)?;
+        crate::outbound::hold_until_sync(&mut db, config, "restore", Timestamp::now())?;
+        db.close()
+    })();
+    if let Err(e) = held {
+        for p in [sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm"), tmp.clone()] {
+            let _ = fs::remove_file(p);
+        }
+        return Err(e.into());
+    }
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp, "syncing the restored database"))?;
     for side in [&wal, &shm] {
         match fs::remove_file(side) {
             Ok(()) => {}

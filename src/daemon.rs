@@ -203,7 +203,8 @@ async fn serve(config: Config, explicit: Option<PathBuf>) -> anyhow::Result<Exit
         .map_err(|e| anyhow::anyhow!("recovering interrupted submissions: {e}"))?;
     let shared = Shared {
         store: store.clone(),
-        ingest: Ingest::new(verifier(&config)?, &config.store.archive),
+        ingest: Ingest::new(verifier(&config)?, &config.store.archive)
+            .with_gateway_hostname(&config.gateway.hostname),
     };
     let root = CancellationToken::new();
     let mut config = Arc::new(config);

@@ -95,6 +95,12 @@ pub struct Context<'a> {
     pub archive: &'a Path,
     /// The signature verifier (PEC trust anchors).
     pub verifier: &'a Verifier,
+    /// The right-hand side of the Message-IDs this gateway generates
+    /// (`[gateway] hostname`): a receipt naming an unknown attempt
+    /// `<DISPATCHID.N.HEX@hostname>` of a letter of this mailbox recovers
+    /// that attempt (it was lost by a restore from backup). `None`: no
+    /// recovery, such receipts are orphans.
+    pub gateway_hostname: Option<&'a str>,
 }
 
 /// Where the message came from on the server.
@@ -183,6 +189,7 @@ pub enum IngestError {
 pub struct Ingest {
     verifier: Arc<Verifier>,
     archive_root: PathBuf,
+    gateway_hostname: Option<String>,
 }
 
 impl Ingest {
@@ -191,6 +198,24 @@ impl Ingest {
         Ingest {
             verifier,
             archive_root: archive_root.into(),
+            gateway_hostname: None,
+        }
+    }
+
+    /// Recovers lost attempts whose Message-IDs end in `@hostname` (see
+    /// [`Context::gateway_hostname`]).
+    #[must_use]
+    pub fn with_gateway_hostname(mut self, hostname: impl Into<String>) -> Ingest {
+        self.gateway_hostname = Some(hostname.into());
+        self
+    }
+
+    fn context<'a>(&'a self, mailbox: &'a MailboxConfig) -> Context<'a> {
+        Context {
+            mailbox,
+            archive: &self.archive_root,
+            verifier: &self.verifier,
+            gateway_hostname: self.gateway_hostname.as_deref(),
         }
     }
 
@@ -207,11 +232,7 @@ impl Ingest {
         source: Source,
         now: Timestamp,
     ) -> Result<IngestOutcome, IngestError> {
-        let ctx = Context {
-            mailbox,
-            archive: &self.archive_root,
-            verifier: &self.verifier,
-        };
+        let ctx = self.context(mailbox);
         ingest(db, &ctx, raw, source, now)
     }
 
@@ -227,11 +248,7 @@ impl Ingest {
         items: &[(&[u8], Source)],
         now: Timestamp,
     ) -> Result<Vec<IngestOutcome>, IngestError> {
-        let ctx = Context {
-            mailbox,
-            archive: &self.archive_root,
-            verifier: &self.verifier,
-        };
+        let ctx = self.context(mailbox);
         ingest_batch(db, &ctx, items, now)
     }
 }
@@ -264,7 +281,7 @@ pub fn ingest(
         imap_uidvalidity: source.uidvalidity,
         recorded_at: now,
     };
-    let new = db.write("ingest.record_message", |tx| tx.record_message(&row))?;
+    let new = db.write("ingest.record_message", |tx| record(tx, &row))?;
     debug!(
         { field::EVENT } = event::MESSAGE_ARCHIVED,
         { field::MAILBOX } = %mailbox,
@@ -330,6 +347,16 @@ pub fn ingest(
     }
 }
 
+/// Records a fetched message; one fetched again under a new UIDVALIDITY
+/// takes its new UID ([`Tx::refresh_imap_source`]). `true`: a new row.
+fn record(tx: &Tx<'_>, row: &MessageRow) -> store::Result<bool> {
+    let new = tx.record_message(row)?;
+    if !new && let (Some(uid), Some(v)) = (row.imap_uid, row.imap_uidvalidity) {
+        tx.refresh_imap_source(&row.sha256, uid, v)?;
+    }
+    Ok(new)
+}
+
 /// One message on its way through ingest.
 struct Job<'a, 'r> {
     ctx: &'a Context<'a>,
@@ -343,10 +370,43 @@ struct Job<'a, 'r> {
 enum Match {
     /// One dispatch.
     Dispatch(String),
+    /// One dispatch, through an attempt the store lost (see
+    /// [`Context::gateway_hostname`]): recover it, then apply.
+    Recover(Box<LostAttempt>),
     /// None: an orphan.
     Orphan,
     /// The signed fields contradict each other or the store.
     Problem(Option<String>, String),
+}
+
+/// An attempt a receipt names that the store does not know.
+struct LostAttempt {
+    dispatch_id: String,
+    /// The attempt number in its Message-ID.
+    n: u32,
+    /// The Message-ID, normalised.
+    message_id: String,
+}
+
+/// `DISPATCHID.N.HEX@hostname` (normalised, as outbound generates them):
+/// the dispatch id (canonical) and N.
+fn parse_gateway_message_id(mid: &str, hostname: &str) -> Option<(String, u32)> {
+    let (local, host) = mid.rsplit_once('@')?;
+    if !host.eq_ignore_ascii_case(hostname) {
+        return None;
+    }
+    let mut parts = local.split('.');
+    let (id, n, hex) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some()
+        || hex.is_empty()
+        || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        || !n.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let n: u32 = n.parse().ok().filter(|n| *n >= 1)?;
+    let id = store::canonical_dispatch_id(id)?;
+    Some((id, n))
 }
 
 fn verdict_name(v: &Verdict) -> &'static str {
@@ -464,10 +524,11 @@ impl Job<'_, '_> {
             );
             return Ok(Plan::Quarantine(None, why));
         };
-        let matched = match_receipt(r, self.ctx.mailbox, self.ins, d)?;
+        let matched = match_receipt(r, self.ctx, self.ins, d)?;
         if !verdict.is_valid() {
             let id = match &matched {
                 Match::Dispatch(id) => Some(id.clone()),
+                Match::Recover(lost) => Some(lost.dispatch_id.clone()),
                 Match::Problem(id, _) => id.clone(),
                 Match::Orphan => None,
             };
@@ -482,8 +543,9 @@ impl Job<'_, '_> {
                 format!("header says {} but daticert says {dk}", self.ins.kind()),
             ));
         }
-        let dispatch_id = match matched {
-            Match::Dispatch(id) => id,
+        let (dispatch_id, lost) = match matched {
+            Match::Dispatch(id) => (id, None),
+            Match::Recover(lost) => (lost.dispatch_id.clone(), Some(lost)),
             Match::Problem(id, why) => return Ok(Plan::Quarantine(id, why)),
             Match::Orphan => return Ok(Plan::Orphan),
         };
@@ -502,11 +564,35 @@ impl Job<'_, '_> {
                 dispatch_id: dispatch_id.clone(),
                 reason,
             })?;
-        match before.apply(&Event::Receipt(facts.clone()), self.now) {
+        // A lost attempt is recorded first; the receipt applies after it.
+        let recovered = match lost {
+            None => None,
+            Some(lost) => {
+                let ev = Event::AttemptRecovered {
+                    message_id: lost.message_id.clone(),
+                };
+                match before.apply(&ev, self.now) {
+                    Ok(outcome) => Some(Recovered {
+                        n: lost.n,
+                        message_id: lost.message_id,
+                        outcome,
+                    }),
+                    Err(rejected) => {
+                        return Ok(Plan::Quarantine(
+                            Some(dispatch_id),
+                            format!("the lost attempt cannot be recovered: {rejected}"),
+                        ));
+                    }
+                }
+            }
+        };
+        let receipt_before = recovered.as_ref().map_or(&before, |r| &r.outcome.dispatch);
+        match receipt_before.apply(&Event::Receipt(facts.clone()), self.now) {
             Ok(outcome) => Ok(Plan::Apply(Box::new(Apply {
                 dispatch_id,
                 detail,
                 before,
+                recovered,
                 outcome,
                 facts,
             }))),
@@ -534,18 +620,35 @@ impl Job<'_, '_> {
         if tx.record_receipt(&r)?.is_none() {
             return Ok(false);
         }
-        write_outcome(
-            tx,
-            &WriteCtx {
-                dispatch_id: &a.dispatch_id,
-                mailbox: self.mailbox(),
-                cause: &self.cause(),
-                facts: &a.facts,
-                now: self.now,
-            },
-            &a.before,
-            &a.outcome,
-        )?;
+        let w = WriteCtx {
+            dispatch_id: &a.dispatch_id,
+            mailbox: self.mailbox(),
+            cause: &self.cause(),
+            facts: &a.facts,
+            now: self.now,
+        };
+        let mut before = &a.before;
+        if let Some(rec) = &a.recovered {
+            let d = self.ins.daticert.as_ref();
+            tx.recover_attempt(
+                &a.dispatch_id,
+                rec.n,
+                &rec.message_id,
+                self.now,
+                w.cause,
+                json!({
+                    "kind": self.ins.kind().as_str(),
+                    "identificativo": d.map(|d| d.identificativo.as_str()),
+                    "daticert_at": d.map(|d| sent::ts(d.data)),
+                    "receipt_sha256": self.sha,
+                    "why": "a signed receipt names this attempt, which the store did not know \
+                            (restored from a backup taken before it?)",
+                }),
+            )?;
+            write_outcome(tx, &w, before, &rec.outcome)?;
+            before = &rec.outcome.dispatch;
+        }
+        write_outcome(tx, &w, before, &a.outcome)?;
         Ok(true)
     }
 
@@ -561,7 +664,7 @@ impl Job<'_, '_> {
             let written = db.write("ingest.apply", |tx| {
                 // Another writer (a CLI command) may have changed the
                 // dispatch since it was read: start again.
-                if tx.get(&a.dispatch_id)?.as_ref() != Some(&a.detail) {
+                if tx.ingest_get(&a.dispatch_id)?.as_ref() != Some(&a.detail) {
                     return Ok(Written::Stale);
                 }
                 if !self.write_apply(tx, &verdict, &a)? {
@@ -588,15 +691,33 @@ impl Job<'_, '_> {
     /// After the commit of an applied receipt: its log lines, the copy in
     /// the sent folder and the status files.
     fn finish_applied(&self, db: &store::Db, a: Apply) -> IngestOutcome {
+        let filing = self.filing(&a);
+        file_receipts(db, self.ctx, std::slice::from_ref(&filing), self.now);
+        self.applied_outcome(a)
+    }
+
+    /// The log lines of an applied receipt (after its commit) and its outcome.
+    fn applied_outcome(&self, a: Apply) -> IngestOutcome {
+        if let Some(rec) = &a.recovered {
+            warn!(
+                { field::EVENT } = event::ATTEMPT_RECOVERED,
+                { field::MAILBOX } = %self.mailbox(),
+                { field::DISPATCH_ID } = %a.dispatch_id,
+                { field::MESSAGE_ID } = %rec.message_id,
+                { field::KIND } = %self.ins.kind(),
+                sha256 = %self.sha,
+                "a receipt names an attempt the store had lost: recorded as submitted"
+            );
+        }
         if let Some(d) = self.ins.daticert.as_ref() {
             self.log_applied(&a.dispatch_id, d, &a.outcome);
         }
-        let filing = self.filing(&a);
-        file_receipts(db, self.ctx, std::slice::from_ref(&filing), self.now);
+        let mut changes = a.recovered.map(|r| r.outcome.changes).unwrap_or_default();
+        changes.extend(a.outcome.changes);
         IngestOutcome::Applied {
             dispatch_id: a.dispatch_id,
             kind: self.ins.kind().as_str().to_owned(),
-            changes: a.outcome.changes,
+            changes,
         }
     }
 
@@ -801,6 +922,7 @@ impl Job<'_, '_> {
             &self.sha[..12]
         );
         let m = &self.ins.message;
+        let sender = anomaly_sender(m);
         let notice = format!(
             "ATTENZIONE: MESSAGGIO NON CERTIFICATO\n\
              Questo messaggio e' arrivato in una busta di anomalia: il gestore PEC non ne \
@@ -810,7 +932,7 @@ impl Job<'_, '_> {
              its origin nor its content. It has no legal value as certified mail.\n\n\
              Da / From: {}\nOggetto / Subject: {}\nRicevuto / Received: {}\n\
              Firma della busta / Envelope signature: {}\nSHA-256: {}\n",
-            m.from.as_deref().unwrap_or("-"),
+            sender.as_ref().map_or("-", |s| s.shown.as_str()),
             m.subject.as_deref().unwrap_or("-"),
             sent::ts(self.now),
             verdict_reason(&verdict),
@@ -836,7 +958,7 @@ impl Job<'_, '_> {
             message_sha256: self.sha.to_owned(),
             mailbox: self.mailbox().to_owned(),
             identificativo: None,
-            mittente: m.from.clone(),
+            mittente: sender.map(|s| s.address),
             oggetto: m
                 .subject
                 .clone()
@@ -861,6 +983,56 @@ impl Job<'_, '_> {
     }
 }
 
+/// The real sender of an anomaly envelope (whose `From` is the provider's
+/// service address).
+struct AnomalySender {
+    /// The address, lower case.
+    address: String,
+    /// As shown to clerks: `Name <address>` or the address.
+    shown: String,
+}
+
+/// The sender of an anomaly envelope: the wrapped message's `From`; else
+/// the envelope's display name `Per conto di: <address>`; else its `From`.
+/// Unsigned in every case (that is what an anomaly is): for the clerks only.
+fn anomaly_sender(m: &crate::pec::envelope::PecMessage<'_>) -> Option<AnomalySender> {
+    let parser = crate::pec::classify::parser();
+    let first = |raw: &[u8]| -> Option<(Option<String>, Option<String>)> {
+        let msg = parser.parse_headers(raw)?;
+        let a = msg.from()?.first()?;
+        Some((
+            a.name()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty()),
+            a.address().map(canonical_address).filter(|a| !a.is_empty()),
+        ))
+    };
+    let shown = |name: Option<String>, address: String| AnomalySender {
+        shown: match name {
+            Some(n) => format!("{n} <{address}>"),
+            None => address.clone(),
+        },
+        address,
+    };
+    if let Some((name, Some(address))) = m.postacert.as_deref().and_then(first) {
+        return Some(shown(name, address));
+    }
+    let outer = first(m.raw);
+    if let Some((Some(name), _)) = &outer {
+        let prefix = crate::pec::wire::PER_CONTO_DI.trim_end();
+        if let Some(rest) = name
+            .get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| name[prefix.len()..].trim())
+            .filter(|r| !r.is_empty())
+        {
+            let address = canonical_address(rest.trim_matches(['<', '>']));
+            return Some(shown(None, address));
+        }
+    }
+    m.from.clone().map(|a| shown(None, canonical_address(&a)))
+}
+
 /// What to do with a receipt ([`Job::plan`]).
 enum Plan {
     /// Keep it aside: the dispatch it seemed to concern, and why.
@@ -878,41 +1050,51 @@ struct Apply {
     /// write transaction).
     detail: DispatchDetail,
     before: Dispatch,
+    /// The lost attempt the receipt names, recovered before it applies.
+    recovered: Option<Recovered>,
+    /// The receipt's outcome (after the recovery, if any).
     outcome: Outcome,
     facts: ReceiptFacts,
+}
+
+/// A lost attempt and what recording it changes.
+struct Recovered {
+    n: u32,
+    message_id: String,
+    outcome: Outcome,
 }
 
 /// What matching and rebuilding a dispatch read: the store, or an open
 /// transaction (a batch applies each receipt after the previous ones).
 trait Reads {
-    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>>;
+    /// The dispatch whose attempt has this normalised Message-ID.
+    fn by_message_id(&self, message_id: &str) -> store::Result<Option<String>>;
+    /// The dispatches with this identificativo, oldest first.
+    fn by_identificativo(&self, ident: &str) -> store::Result<Vec<String>>;
     fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>>;
     fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>>;
 }
 
-impl Reads for store::Db {
-    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>> {
-        store::Db::find(self, key)
-    }
-    fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>> {
-        store::Db::get(self, dispatch_id)
-    }
-    fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>> {
-        store::Db::events_for(self, dispatch_id)
-    }
+macro_rules! reads {
+    ($t:ty) => {
+        impl Reads for $t {
+            fn by_message_id(&self, message_id: &str) -> store::Result<Option<String>> {
+                self.ingest_dispatch_of_message_id(message_id)
+            }
+            fn by_identificativo(&self, ident: &str) -> store::Result<Vec<String>> {
+                self.ingest_dispatches_of_identificativo(ident)
+            }
+            fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>> {
+                self.ingest_get(dispatch_id)
+            }
+            fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>> {
+                self.ingest_events_for(dispatch_id)
+            }
+        }
+    };
 }
-
-impl Reads for Tx<'_> {
-    fn find(&self, key: &str) -> store::Result<Vec<store::DispatchRow>> {
-        Tx::find(self, key)
-    }
-    fn get(&self, dispatch_id: &str) -> store::Result<Option<DispatchDetail>> {
-        Tx::get(self, dispatch_id)
-    }
-    fn events_for(&self, dispatch_id: &str) -> store::Result<Vec<EventRow>> {
-        Tx::events_for(self, dispatch_id)
-    }
-}
+reads!(store::Db);
+reads!(Tx<'_>);
 
 /// A receipt to copy into its letter's sent folder.
 struct Filing<'r> {
@@ -1022,7 +1204,7 @@ fn file_receipts(db: &store::Db, ctx: &Context<'_>, filings: &[Filing<'_>], now:
     }
     for group in &groups {
         let (id, dir) = (&group[0].dispatch_id, &group[0].dir);
-        let result = match db.get(id) {
+        let result = match db.ingest_get(id) {
             Ok(Some(detail)) => sent::write_status(dir, &detail, now).map_err(|e| e.to_string()),
             Ok(None) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -1161,16 +1343,19 @@ pub fn ingest_batch(
         let mut staged = Vec::with_capacity(items.len());
         for (i, (_, source)) in items.iter().enumerate() {
             let a = &archived[i];
-            let new = tx.record_message(&MessageRow {
-                sha256: a.sha256.clone(),
-                path: a.relative.clone(),
-                size: a.size,
-                direction: Direction::In,
-                mailbox: mailbox.to_owned(),
-                imap_uid: source.uid,
-                imap_uidvalidity: source.uidvalidity,
-                recorded_at: now,
-            })?;
+            let new = record(
+                tx,
+                &MessageRow {
+                    sha256: a.sha256.clone(),
+                    path: a.relative.clone(),
+                    size: a.size,
+                    direction: Direction::In,
+                    mailbox: mailbox.to_owned(),
+                    imap_uid: source.uid,
+                    imap_uidvalidity: source.uidvalidity,
+                    recorded_at: now,
+                },
+            )?;
             let st = match (&inspections[i], job(i), verdicts[i].as_ref()) {
                 (Err(reason), _, _) => Staged::Unreadable(reason.clone()),
                 (Ok(ins), _, _) if *ins.kind() == Kind::NotPec => Staged::NotPec,
@@ -1274,18 +1459,11 @@ pub fn ingest_batch(
             }
             (Staged::Orphan, Some(job), _) => job.log_orphan(),
             (Staged::Applied(a), Some(job), _) => {
-                if let Some(d) = job.ins.daticert.as_ref() {
-                    job.log_applied(&a.dispatch_id, d, &a.outcome);
-                }
                 filings.push(Filing {
                     raw: raws[i],
                     ..job.filing(&a)
                 });
-                IngestOutcome::Applied {
-                    dispatch_id: a.dispatch_id,
-                    kind: job.ins.kind().as_str().to_owned(),
-                    changes: a.outcome.changes,
-                }
+                job.applied_outcome(*a)
             }
             // Later, or (impossible) a staged receipt without inspection.
             _ => ingest(db, ctx, raw, source, now)?,
@@ -1364,10 +1542,11 @@ fn report(ins: &Inspection<'_>, d: &Daticert, v: &Verdict, sha: &str) -> String 
 /// `consegna` must be a recipient of the letter.
 fn match_receipt<R: Reads>(
     db: &R,
-    mailbox: &MailboxConfig,
+    ctx: &Context<'_>,
     ins: &Inspection<'_>,
     d: &Daticert,
 ) -> Result<Match, IngestError> {
+    let mailbox = ctx.mailbox;
     let msgid = d.msgid.as_deref().and_then(normalize_message_id);
     if let Some(h) = ins.message.classification.refers_to.as_deref() {
         let h = normalize_message_id(h);
@@ -1383,33 +1562,32 @@ fn match_receipt<R: Reads>(
         }
     }
     let by_msgid: Option<String> = match &msgid {
-        Some(m) => {
-            let mut found = None;
-            for row in db.find(m)? {
-                if let Some(det) = db.get(&row.id)?
-                    && det.attempts.iter().any(|a| a.message_id == *m)
-                {
-                    found = Some(row.id);
-                    break;
-                }
-            }
-            found
-        }
+        Some(m) => db.by_message_id(m)?,
         None => None,
     };
     let ident = d.identificativo.trim();
     let by_ident: Option<String> = if ident.is_empty() {
         None
     } else {
-        db.find(ident)?
-            .into_iter()
-            .find(|r| {
-                r.identificativo
-                    .as_deref()
-                    .is_some_and(|i| normalize_message_id(i) == normalize_message_id(ident))
-            })
-            .map(|r| r.id)
+        db.by_identificativo(ident)?.into_iter().next()
     };
+    // A msgid of ours that names no known attempt, of a letter of this
+    // mailbox: an attempt the store lost.
+    let lost = match (&by_msgid, &msgid, ctx.gateway_hostname) {
+        (None, Some(m), Some(host)) => match parse_gateway_message_id(m, host) {
+            Some((id, n)) => db
+                .get(&id)?
+                .filter(|det| det.dispatch.mailbox == mailbox.name)
+                .map(|_| LostAttempt {
+                    dispatch_id: id,
+                    n,
+                    message_id: m.clone(),
+                }),
+            None => None,
+        },
+        _ => None,
+    };
+    let by_msgid = by_msgid.or_else(|| lost.as_ref().map(|l| l.dispatch_id.clone()));
     let id = match (by_msgid, by_ident) {
         (None, None) => return Ok(Match::Orphan),
         (Some(a), Some(b)) if a != b => {
@@ -1464,7 +1642,10 @@ fn match_receipt<R: Reads>(
             Some(_) => {}
         }
     }
-    Ok(Match::Dispatch(id))
+    Ok(match lost {
+        Some(lost) => Match::Recover(Box::new(lost)),
+        None => Match::Dispatch(id),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1658,6 +1839,9 @@ fn write_outcome(
                 }
                 tx.set_recipient_state(w.dispatch_id, address, &c)?;
             }
+            // A new attempt is written by its own store call
+            // (`Tx::recover_attempt`, with its `attempt.recovered` event).
+            Change::AttemptChanged { from: None, .. } => {}
             Change::AttemptChanged {
                 message_id,
                 from,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, MailboxConfig};
 use crate::outbox::{Letter, intake};
@@ -561,6 +561,30 @@ pub async fn intake_round(
     stored
 }
 
+pub use crate::store::HOLD_UNTIL_SYNC;
+
+/// Puts [`HOLD_UNTIL_SYNC`] on every configured mailbox (`cause` names the
+/// command in the event log).
+///
+/// # Errors
+/// Store failures.
+pub fn hold_until_sync(
+    db: &mut store::Db,
+    config: &Config,
+    cause: &str,
+    now: Timestamp,
+) -> store::Result<()> {
+    for name in config.mailboxes.keys() {
+        let mut st = db
+            .mailbox_state(name)?
+            .unwrap_or_else(|| store::MailboxState::new(name, now));
+        st.suspended_reason = Some(HOLD_UNTIL_SYNC.to_owned());
+        st.updated_at = now;
+        db.set_mailbox_state(&st, cause)?;
+    }
+    Ok(())
+}
+
 /// The sender of one mailbox.
 pub struct Sender {
     mailbox: MailboxConfig,
@@ -619,6 +643,20 @@ impl Sender {
     /// between two letters (a transaction in progress is never cut).
     pub async fn pass(&mut self, cancel: &CancellationToken) -> SendPass {
         let mut out = SendPass::default();
+        let name = self.mailbox.name.clone();
+        match self.store.call(move |db| db.mailbox_state(&name)).await {
+            Ok(Some(st)) if st.suspended_reason.as_deref() == Some(HOLD_UNTIL_SYNC) => {
+                debug!({ field::MAILBOX } = %self.mailbox.name, "sending held until the mailbox has been read completely (after a restore)");
+                out.wait = Some(Duration::from_secs(2));
+                return out;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error!({ field::MAILBOX } = %self.mailbox.name, { field::ERROR } = %e, "store: cannot read the mailbox state");
+                out.wait = Some(Duration::from_secs(5));
+                return out;
+            }
+        }
         let name = self.mailbox.name.clone();
         let queued = match self.store.call(move |db| db.next_queued(&name, 50)).await {
             Ok(q) => q,
@@ -757,7 +795,23 @@ impl Sender {
         // dispatch.json names the attempt durably before the transaction:
         // a store rebuilt from the sent folders then knows the letter may
         // have left (uncertain), never that it is still to send.
-        self.update_record(&dir, &record, id, true).await;
+        if !self.update_record(&dir, &record, id, true).await {
+            // Not sent: without the record, a store rebuilt from the sent
+            // folders would not know this attempt and could send the letter
+            // again. The attempt ends as a transient failure (nothing left).
+            let reason =
+                "dispatch.json could not be updated before sending: not sent, retried later"
+                    .to_owned();
+            warn!({ field::EVENT } = event::DISPATCH_RETRY, { field::DISPATCH_ID } = %id, { field::MAILBOX } = %self.mailbox.name, { field::ERROR } = %reason, "submission postponed");
+            self.schedule_retry(id);
+            let key = id.to_owned();
+            let at = Timestamp::now();
+            self.store
+                .call(move |db| db.attempt_transient(&key, n, &reason, at))
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(true);
+        }
         let rcpts: Vec<String> = record
             .envelope
             .to
@@ -832,15 +886,23 @@ impl Sender {
         // Not fsync'd: losing this update in a power cut leaves the attempt
         // `sending` in dispatch.json, which a rebuild treats as uncertain
         // (never resent); the store has the outcome.
-        self.update_record(&dir, &record, id, false).await;
+        let _ = self.update_record(&dir, &record, id, false).await;
         Ok(keep_going)
     }
 
     /// Rewrites `dispatch.json` (attempts) and the status files from the store.
-    async fn update_record(&self, dir: &Path, record: &DispatchRecord, id: &str, durable: bool) {
+    /// Returns whether `dispatch.json` was written (and, when `durable`,
+    /// made durable).
+    async fn update_record(
+        &self,
+        dir: &Path,
+        record: &DispatchRecord,
+        id: &str,
+        durable: bool,
+    ) -> bool {
         let key = id.to_owned();
         let Ok(Some(detail)) = self.store.call(move |db| db.get(&key)).await else {
-            return;
+            return false;
         };
         let mut record = record.clone();
         record.attempts = detail
@@ -862,12 +924,17 @@ impl Sender {
         } else {
             sent::write_record_unsynced(dir, &record).map(|_| ())
         };
-        if let Err(e) = written {
-            warn!({ field::DISPATCH_ID } = %id, { field::ERROR } = %e, "cannot update dispatch.json");
-        }
+        let ok = match written {
+            Ok(()) => true,
+            Err(e) => {
+                warn!({ field::DISPATCH_ID } = %id, { field::ERROR } = %e, "cannot update dispatch.json");
+                false
+            }
+        };
         if let Err(e) = sent::write_status(dir, &detail, Timestamp::now()) {
             warn!({ field::DISPATCH_ID } = %id, { field::ERROR } = %e, "cannot update status files");
         }
+        ok
     }
 }
 

@@ -196,6 +196,9 @@ pub fn reindex(
         let mut db = Db::open(&tmp)?;
         db.set_rebuild_durability(false)?;
         build(&mut db, config, verifier, now, &mut summary)?;
+        // Letters whose last attempt was not recorded in their folder may
+        // have left: nothing is sent before the mailboxes were read again.
+        crate::outbound::hold_until_sync(&mut db, config, "reindex", now)?;
         db.set_rebuild_durability(true)?;
         db.close()?;
         let wal = sidecar(&tmp, "-wal");
@@ -716,9 +719,12 @@ fn plan_letter(
             None => None,
         };
         let sha = a.eml_sha256.to_ascii_lowercase();
-        messages.push(sent_message(
-            &sha, a.n, &a.eml, dir, archive, mailbox, started_at, summary,
-        ));
+        // Empty: an attempt recovered from a receipt, bytes never known.
+        if !sha.is_empty() {
+            messages.push(sent_message(
+                &sha, a.n, &a.eml, dir, archive, mailbox, started_at, summary,
+            ));
+        }
         // An attempt whose outcome was never recorded may have left: never
         // sendable again without a decision, exactly as at a restart.
         let (state, finished_at) = match a.state.as_str() {
@@ -1055,6 +1061,7 @@ fn take_in(
         mailbox,
         archive: &config.store.archive,
         verifier,
+        gateway_hostname: Some(&config.gateway.hostname),
     };
     match ingest::ingest(db, &ctx, &raw, Source::default(), e.at) {
         Ok(IngestOutcome::Applied { .. }) => summary.receipts_applied += 1,

@@ -126,6 +126,10 @@ pub mod event {
     /// A message whose signature or structure failed the checks, kept aside
     /// (error: evidence at risk).
     pub const RECEIPT_QUARANTINED: &str = "receipt.quarantined";
+    /// A receipt named an attempt the store had lost (restore from backup):
+    /// the attempt was recorded again so that the letter is not resent
+    /// (warn).
+    pub const ATTEMPT_RECOVERED: &str = "attempt.recovered";
     /// Incoming certified mail (posta certificata) unpacked into inbox/
     /// (info).
     pub const MESSAGE_RECEIVED: &str = "message.received";
@@ -210,6 +214,7 @@ pub mod event {
         RECEIPT_TAKEN_IN_CHARGE,
         RECEIPT_UNMATCHED,
         RECEIPT_QUARANTINED,
+        ATTEMPT_RECOVERED,
         MESSAGE_RECEIVED,
         MESSAGE_ARCHIVED,
         MESSAGE_INSPECTED,

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use jiff::{SignedDuration, Timestamp};
 use pecgate::config::{Config, MailboxConfig};
-use pecgate::ingest::{Context, IngestOutcome, Source, ingest, sanitize_file_name};
+use pecgate::ingest::{Context, IngestOutcome, Source, ingest, ingest_batch, sanitize_file_name};
 use pecgate::pec::compose::{
     self, Composed, DeliveryContent, Destinatario, Errore, ReceiptType, Transaction,
 };
@@ -20,6 +20,8 @@ const FROM: &str = "protocollo@pec.comune.example.it";
 const A: &str = "alfa@pec.example.it";
 const B: &str = "beta@pec.example.it";
 const X: &str = "info@example.com";
+/// `[gateway] hostname` of the tests' gateway.
+const GATEWAY: &str = "gw.example.it";
 
 struct Keys {
     ca: CertKey,
@@ -194,6 +196,7 @@ imap = {{ host = "imaps.pec.example.it", password_env = "PW" }}
             mailbox: &self.mailbox,
             archive: &archive,
             verifier: &self.verifier,
+            gateway_hostname: Some(GATEWAY),
         };
         ingest(&mut self.db, &ctx, raw, Source::default(), self.now).unwrap()
     }
@@ -642,4 +645,401 @@ fn sanitize_never_escapes() {
         assert!(!s.is_empty() && !s.contains('/') && !s.contains('\\') && !s.starts_with('.'));
         assert!(!s.chars().any(char::is_control));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Receipts for attempts the store lost, anomaly senders, resync UIDs, batches
+
+impl Env {
+    fn ctx(&self) -> (PathBuf, MailboxConfig) {
+        (self.root.join("archive"), self.mailbox.clone())
+    }
+
+    fn ingest_batch(&mut self, items: &[(&[u8], Source)]) -> Result<Vec<IngestOutcome>, String> {
+        let (archive, mailbox) = self.ctx();
+        let ctx = Context {
+            mailbox: &mailbox,
+            archive: &archive,
+            verifier: &self.verifier,
+            gateway_hostname: Some(GATEWAY),
+        };
+        ingest_batch(&mut self.db, &ctx, items, self.now).map_err(|e| e.to_string())
+    }
+
+    fn ingest_from(&mut self, raw: &[u8], source: Source) -> IngestOutcome {
+        let (archive, mailbox) = self.ctx();
+        let ctx = Context {
+            mailbox: &mailbox,
+            archive: &archive,
+            verifier: &self.verifier,
+            gateway_hostname: Some(GATEWAY),
+        };
+        ingest(&mut self.db, &ctx, raw, source, self.now).unwrap()
+    }
+
+    /// A letter as a restore from backup leaves it: `queued`, no attempt;
+    /// the attempt `n` the store lost had this Message-ID (pecgate's shape).
+    fn restored_letter(&mut self, recipients: &[(&str, Field)], n: u32, host: &str) -> Letter {
+        let id = store::new_dispatch_id(self.now.as_millisecond() as u64);
+        let sent_dir = pecgate::sent::folder(&self.mailbox.sent, self.now, &id);
+        pecgate::archive::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
+        self.db
+            .insert_dispatch(&NewDispatch {
+                id: id.clone(),
+                mailbox: "protocollo".into(),
+                kind: "lettera".into(),
+                protocol: None,
+                reference: None,
+                subject: "Prova".into(),
+                receipt_type: "completa".into(),
+                in_reply_to: None,
+                content_hash: pecgate::store::sha256_hex(id.as_bytes()),
+                source: "prova.toml".into(),
+                sent_dir: sent_dir.display().to_string(),
+                created_at: self.now,
+                recipients: recipients
+                    .iter()
+                    .map(|(a, f)| NewRecipient {
+                        address: a.to_string(),
+                        field: *f,
+                    })
+                    .collect(),
+                documents: vec![],
+            })
+            .unwrap();
+        Letter {
+            mid: format!("{id}.{n}.0a1b2c3d4e5f@{host}"),
+            id,
+            recipients: recipients
+                .iter()
+                .map(|(a, f)| (a.to_string(), *f))
+                .collect(),
+        }
+    }
+
+    fn sql(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.root.join("db.sqlite")).unwrap()
+    }
+
+    fn count(&self, table: &str) -> i64 {
+        self.sql()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+}
+
+fn events_named(env: &Env, l: &Letter, name: &str) -> Vec<serde_json::Value> {
+    env.db
+        .events_for(&l.id)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event == name)
+        .map(|e| serde_json::from_str(&e.detail).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_receipt_for_an_attempt_the_store_lost_recovers_it_and_applies() {
+    let mut env = Env::new();
+    let l = env.restored_letter(&[(A, Field::To), (X, Field::To)], 2, GATEWAY);
+    assert_eq!(env.state(&l), "queued");
+    let t0 = env.now - hours(1);
+    let o = env.ingest(&acceptance(&l, t0));
+    let IngestOutcome::Applied { changes, .. } = &o else {
+        panic!("{o:?}")
+    };
+    assert!(changes.iter().any(|c| matches!(
+        c,
+        pecgate::pec::state::Change::AttemptChanged {
+            from: None,
+            cause: pecgate::pec::state::Cause::AttemptRecovered,
+            ..
+        }
+    )));
+    // Accepted: the sender will not send it again.
+    let d = env.db.get(&l.id).unwrap().unwrap();
+    assert_eq!(d.dispatch.state, "accepted");
+    assert_eq!(d.dispatch.accepted_at, Some(t0));
+    assert_eq!(d.attempts.len(), 1);
+    let a = &d.attempts[0];
+    assert_eq!((a.n, a.state.as_str()), (2, "submitted"));
+    assert_eq!(a.message_id, l.mid);
+    assert_eq!(a.eml_sha256, "", "the bytes sent are not known: no hash");
+    let rec = events_named(&env, &l, "attempt.recovered");
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0]["message_id"], l.mid.as_str());
+    assert_eq!(rec[0]["attempt"], 2);
+    assert_eq!(rec[0]["kind"], "accettazione");
+    assert_eq!(rec[0]["eml_sha256"], serde_json::Value::Null);
+    assert_eq!(events_named(&env, &l, "dispatch.submitted").len(), 1);
+    assert_eq!(events_named(&env, &l, "dispatch.accepted").len(), 1);
+    // The rest of its receipts match the recovered attempt.
+    applied(&env.ingest(&delivery(&l, t0 + hours(1), A)));
+    assert_eq!(env.state(&l), "delivered");
+    assert!(matches!(
+        env.ingest(&acceptance(&l, t0)),
+        IngestOutcome::Duplicate { .. }
+    ));
+    assert_eq!(events_named(&env, &l, "attempt.recovered").len(), 1);
+    assert!(env.db.verify_chain().unwrap().first_bad.is_none());
+}
+
+#[test]
+fn lost_attempts_are_recovered_only_from_valid_receipts_of_our_gateway() {
+    let mut env = Env::new();
+    // Another host name: an orphan, nothing recorded.
+    let other = env.restored_letter(&[(A, Field::To)], 1, "elsewhere.example.it");
+    let o = env.ingest(&acceptance(&other, env.now));
+    assert!(matches!(o, IngestOutcome::Orphan { .. }), "{o:?}");
+    assert_eq!(env.state(&other), "queued");
+    // Our host name but a dispatch this store does not have: an orphan.
+    let ghost = Letter {
+        id: store::new_dispatch_id(1),
+        mid: format!("{}.1.abcdef@{GATEWAY}", store::new_dispatch_id(1)),
+        recipients: vec![(A.into(), Field::To)],
+    };
+    let o = env.ingest(&acceptance(&ghost, env.now));
+    assert!(matches!(o, IngestOutcome::Orphan { .. }), "{o:?}");
+    // A forged signature never recovers anything.
+    let l = env.restored_letter(&[(A, Field::To)], 1, GATEWAY);
+    let tx = tx_for(&l, env.now, &[]);
+    let forged = sign_with(&compose::acceptance(&tx), &keys().forged, env.now);
+    quarantined(&env.ingest(&forged));
+    let d = env.db.get(&l.id).unwrap().unwrap();
+    assert_eq!(d.dispatch.state, "queued");
+    assert!(d.attempts.is_empty());
+    assert!(events_named(&env, &l, "attempt.recovered").is_empty());
+    // The genuine one does, also through a batch.
+    let raw = acceptance(&l, env.now);
+    let out = env.ingest_batch(&[(&raw, Source::default())]).unwrap();
+    applied(&out[0]);
+    assert_eq!(env.state(&l), "accepted");
+    assert_eq!(env.db.get(&l.id).unwrap().unwrap().attempts[0].n, 1);
+}
+
+#[test]
+fn anomaly_notice_names_the_real_sender() {
+    let mut env = Env::new();
+    let wrapped = b"From: Anna Neri <anna.neri@posta.sandbox.test>\r\nTo: protocollo@pec.comune.example.it\r\nSubject: Messaggio da casella ordinaria\r\nMessage-ID: <a.2@posta.sandbox.test>\r\n\r\nbuongiorno\r\n";
+    let time = env.now.in_tz("Europe/Rome").unwrap();
+    let c = compose::anomaly_envelope(wrapped, SERVICE, &time, "non certificato");
+    let raw = sign_with(&c, &keys().provider, env.now);
+    let IngestOutcome::Anomaly { folder } = env.ingest(&raw) else {
+        panic!("not an anomaly")
+    };
+    let notice = std::fs::read_to_string(folder.join("NON-CERTIFICATO.txt")).unwrap();
+    assert!(
+        notice.contains("Da / From: Anna Neri <anna.neri@posta.sandbox.test>\n"),
+        "{notice}"
+    );
+    assert!(!notice.contains(SERVICE), "{notice}");
+    let row = env.db.incoming(&store::sha256_hex(&raw)).unwrap().unwrap();
+    assert_eq!(
+        row.mittente.as_deref(),
+        Some("anna.neri@posta.sandbox.test")
+    );
+}
+
+#[test]
+fn a_resync_under_a_new_uidvalidity_moves_messages_for_retention() {
+    let mut env = Env::new();
+    let l = env.letter(&[(A, Field::To)], false);
+    let acc = acceptance(&l, env.now);
+    let dlv = delivery(&l, env.now, A);
+    let at = |uid, v| Source {
+        uid: Some(uid),
+        uidvalidity: Some(v),
+    };
+    applied(&env.ingest_from(&acc, at(5, 100)));
+    applied(&env.ingest_batch(&[(&dlv, at(6, 100))]).unwrap()[0]);
+    let later = env.now + SignedDuration::from_secs(1);
+    assert_eq!(
+        env.db
+            .retention_candidates("protocollo", 100, later, 10)
+            .unwrap(),
+        vec![5, 6]
+    );
+    // The folder was recreated: both fetched again, one by each path.
+    assert!(matches!(
+        env.ingest_from(&acc, at(1, 200)),
+        IngestOutcome::Duplicate { .. }
+    ));
+    assert!(matches!(
+        env.ingest_batch(&[(&dlv, at(2, 200))]).unwrap()[0],
+        IngestOutcome::Duplicate { .. }
+    ));
+    assert!(
+        env.db
+            .retention_candidates("protocollo", 100, later, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        env.db
+            .retention_candidates("protocollo", 200, later, 10)
+            .unwrap(),
+        vec![1, 2]
+    );
+    // Same UIDVALIDITY, another UID (not a resync): the row stays.
+    env.ingest_from(&acc, at(9, 200));
+    assert_eq!(
+        env.db
+            .retention_candidates("protocollo", 200, later, 10)
+            .unwrap(),
+        vec![1, 2]
+    );
+    // Once retention handled it, a later resync does not bring it back.
+    env.db
+        .mark_retained("protocollo", 200, &[1], "expunge", later)
+        .unwrap();
+    env.ingest_from(&acc, at(3, 300));
+    assert!(
+        env.db
+            .retention_candidates("protocollo", 300, later, 10)
+            .unwrap()
+            .is_empty()
+    );
+    let (uid, v): (i64, i64) = env
+        .sql()
+        .query_row(
+            "SELECT imap_uid, imap_uidvalidity FROM messages WHERE sha256 = ?1",
+            [store::sha256_hex(&acc)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((uid, v), (1, 200));
+}
+
+#[test]
+fn batch_duplicates_within_one_batch_apply_once() {
+    let mut env = Env::new();
+    let l = env.letter(&[(A, Field::To), (B, Field::Cc)], false);
+    let acc = acceptance(&l, env.now);
+    let dlv = delivery(&l, env.now, A);
+    let src = Source::default();
+    let out = env
+        .ingest_batch(&[(&acc, src), (&dlv, src), (&acc, src), (&dlv, src)])
+        .unwrap();
+    applied(&out[0]);
+    applied(&out[1]);
+    assert!(matches!(out[2], IngestOutcome::Duplicate { .. }), "{out:?}");
+    assert!(matches!(out[3], IngestOutcome::Duplicate { .. }), "{out:?}");
+    assert_eq!(env.recipient(&l, A).state, "delivered");
+    assert_eq!(env.db.receipts_for(&l.id).unwrap().len(), 2);
+    assert_eq!(env.count("messages") - 1, 2, "one row per distinct message");
+    // Filed once each in the sent folder.
+    let files = env.sent_files(&l);
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".eml")).count(),
+        2,
+        "{files:?}"
+    );
+}
+
+#[test]
+fn batch_applies_valid_receipts_and_quarantines_forged_ones_beside_incoming_mail() {
+    let mut env = Env::new();
+    let l1 = env.letter(&[(A, Field::To)], false);
+    let l2 = env.letter(&[(B, Field::To)], false);
+    let acc1 = acceptance(&l1, env.now);
+    let tx2 = tx_for(&l2, env.now, &[]);
+    let forged = sign_with(&compose::acceptance(&tx2), &keys().forged, env.now);
+    let tx_in = Transaction {
+        identificativo: "opec.in.9@pec.altro.it".into(),
+        msgid: Some("orig.9@pec.altro.it".into()),
+        mittente: "mittente@pec.altro.it".into(),
+        destinatari: vec![Destinatario {
+            address: FROM.into(),
+            tipo: "certificato".into(),
+        }],
+        ..tx_for(&l1, env.now, &[])
+    };
+    let incoming = signed(
+        &compose::transport_envelope(&tx_in, &letter_with_attachments()),
+        &tx_in,
+    );
+    let dlv1 = delivery(&l1, env.now, A);
+    let src = Source::default();
+    let out = env
+        .ingest_batch(&[(&acc1, src), (&forged, src), (&incoming, src), (&dlv1, src)])
+        .unwrap();
+    applied(&out[0]);
+    quarantined(&out[1]);
+    assert!(matches!(out[2], IngestOutcome::Incoming { .. }), "{out:?}");
+    applied(&out[3]);
+    assert_eq!(env.state(&l1), "delivered");
+    assert_eq!(
+        env.state(&l2),
+        "submitted",
+        "a forged receipt changes nothing"
+    );
+    let r2 = env.db.receipts_for(&l2.id).unwrap();
+    assert_eq!(r2.len(), 1);
+    assert_eq!(r2[0].receipt.disposition, "quarantined");
+    assert!(
+        env.db
+            .incoming(&store::sha256_hex(&incoming))
+            .unwrap()
+            .is_some()
+    );
+    assert!(env.db.verify_chain().unwrap().first_bad.is_none());
+}
+
+#[test]
+fn a_failed_batch_leaves_nothing_half_applied_and_can_be_ingested_again() {
+    let mut env = Env::new();
+    let l = env.letter(&[(A, Field::To)], false);
+    let acc = acceptance(&l, env.now);
+    let dlv = delivery(&l, env.now, A);
+    let before = (
+        env.count("messages"),
+        env.count("receipts"),
+        env.count("events"),
+    );
+    // A real SQLite failure at the second receipt of the batch.
+    env.sql()
+        .execute_batch(
+            "CREATE TRIGGER fail_delivery BEFORE INSERT ON receipts \
+             WHEN NEW.kind = 'avvenuta-consegna' \
+             BEGIN SELECT RAISE(ABORT, 'disk trouble'); END;",
+        )
+        .unwrap();
+    let src = Source {
+        uid: Some(1),
+        uidvalidity: Some(7),
+    };
+    let err = env.ingest_batch(&[(&acc, src), (&dlv, src)]).unwrap_err();
+    assert!(err.contains("disk trouble"), "{err}");
+    assert_eq!(
+        (
+            env.count("messages"),
+            env.count("receipts"),
+            env.count("events")
+        ),
+        before,
+        "nothing of the batch is committed"
+    );
+    assert_eq!(env.state(&l), "submitted");
+    assert!(env.sent_files(&l).iter().all(|f| !f.ends_with(".eml")));
+    // The evidence is archived already.
+    for raw in [&acc, &dlv] {
+        let sha = store::sha256_hex(raw);
+        let path = env
+            .root
+            .join("archive")
+            .join(&sha[..2])
+            .join(&sha[2..4])
+            .join(format!("{sha}.eml"));
+        assert!(path.exists(), "{}", path.display());
+    }
+    // Once the store works again the same batch goes through.
+    env.sql()
+        .execute_batch("DROP TRIGGER fail_delivery;")
+        .unwrap();
+    let out = env.ingest_batch(&[(&acc, src), (&dlv, src)]).unwrap();
+    applied(&out[0]);
+    applied(&out[1]);
+    assert_eq!(env.state(&l), "delivered");
+    assert_eq!(env.db.receipts_for(&l.id).unwrap().len(), 2);
+    assert!(env.db.verify_chain().unwrap().first_bad.is_none());
 }

@@ -164,6 +164,7 @@ impl Env {
             mailbox: &mailbox,
             archive: &self.config.store.archive,
             verifier: &self.verifier,
+            gateway_hostname: None,
         };
         ingest(&mut self.db, &ctx, raw, Source::default(), self.now).unwrap()
     }
@@ -725,9 +726,17 @@ fn backup_while_letters_are_written_then_restore_on_a_new_machine() {
             // Written while the backup ran: the snapshot holds it as it was at one
             // commit (queued, sending or submitted), never half a transaction.
             assert_eq!(d.recipients, o.recipients, "{id}");
+            // The same attempts so far (their state may be older).
+            let ids = |a: &[pecgate::store::AttemptRow]| {
+                a.iter()
+                    .map(|x| (x.n, x.message_id.clone()))
+                    .collect::<Vec<_>>()
+            };
             assert!(
+                ids(&o.attempts).starts_with(&ids(&d.attempts)),
+                "{id}: {:?} vs {:?}",
+                d.attempts,
                 o.attempts
-                    .starts_with(&d.attempts[..d.attempts.len().min(o.attempts.len())])
             );
             match d.dispatch.state.as_str() {
                 "queued" => assert!(d.attempts.is_empty(), "{id}"),

@@ -290,6 +290,8 @@ named! {
         ResolveResend => "resolve-resend",
         /// [`Event::ResolveMarkSent`].
         ResolveMarkSent => "resolve-mark-sent",
+        /// [`Event::AttemptRecovered`].
+        AttemptRecovered => "attempt-recovered",
     }
 }
 
@@ -358,6 +360,16 @@ pub enum Event {
     /// An operator declared an `uncertain` letter sent
     /// (`pecgate resolve --mark-sent`): `uncertain` → `submitted`.
     ResolveMarkSent,
+    /// A signed receipt names, in its daticert `msgid`, an attempt of this
+    /// letter that the store does not know (it was lost by a restore from
+    /// backup, or by a reindex from an outdated `dispatch.json`): the
+    /// attempt is recorded as `submitted` (the provider signed that it has
+    /// it) and a `queued` or `uncertain` letter becomes `submitted`, so that
+    /// it is not sent again. The receipt itself is applied afterwards.
+    AttemptRecovered {
+        /// The Message-ID the receipt names.
+        message_id: String,
+    },
 }
 
 impl Event {
@@ -374,6 +386,7 @@ impl Event {
             Event::GraceResend => Cause::GraceResend,
             Event::ResolveResend => Cause::ResolveResend,
             Event::ResolveMarkSent => Cause::ResolveMarkSent,
+            Event::AttemptRecovered { .. } => Cause::AttemptRecovered,
         }
     }
 }
@@ -838,6 +851,7 @@ impl Dispatch {
             Event::GraceResend => s.resend(true)?,
             Event::ResolveResend => s.resend(false)?,
             Event::ResolveMarkSent => s.mark_sent(now)?,
+            Event::AttemptRecovered { message_id } => s.attempt_recovered(message_id, now)?,
         }
         if s.changes.is_empty() {
             let address = match event {
@@ -1105,6 +1119,53 @@ impl Step {
             self.d.reason = reply.cloned();
         }
         self.set_state(to);
+        Ok(())
+    }
+
+    /// [`Event::AttemptRecovered`]: a lost attempt, proven by a receipt.
+    fn attempt_recovered(&mut self, message_id: &str, now: Timestamp) -> Result<(), Rejected> {
+        if normalize_message_id(message_id).is_none() {
+            return Err(Rejected::EmptyMessageId);
+        }
+        if self
+            .d
+            .attempts
+            .iter()
+            .any(|a| same_message_id(&a.message_id, message_id))
+        {
+            return Err(Rejected::MessageIdReused(message_id.to_owned()));
+        }
+        let attempt = Attempt {
+            message_id: message_id.to_owned(),
+            state: AttemptState::Submitted,
+            started_at: now,
+            changed_at: now,
+            reply: None,
+        };
+        // An attempt in progress stays the current (last) one: its SMTP
+        // outcome is still to come.
+        match self.d.attempts.last() {
+            Some(last) if last.state == AttemptState::Sending => {
+                let i = self.d.attempts.len() - 1;
+                self.d.attempts.insert(i, attempt);
+            }
+            _ => self.d.attempts.push(attempt),
+        }
+        self.changes.push(Change::AttemptChanged {
+            message_id: message_id.to_owned(),
+            from: None,
+            to: AttemptState::Submitted,
+            cause: self.cause,
+        });
+        if matches!(
+            self.d.state,
+            DispatchState::Queued | DispatchState::Uncertain
+        ) {
+            if self.d.submitted_at.is_none() {
+                self.d.submitted_at = Some(now);
+            }
+            self.set_state(DispatchState::Submitted);
+        }
         Ok(())
     }
 
@@ -2789,6 +2850,9 @@ mod tests {
                     Event::GraceResend,
                     Event::ResolveResend,
                     Event::ResolveMarkSent,
+                    Event::AttemptRecovered {
+                        message_id: "<m3@gw>".into(),
+                    },
                 ])
                 .clone(),
             _ => {
@@ -3038,5 +3102,76 @@ mod tests {
                 assert_eq!(d.identificativo.as_deref(), Some(ID));
             }
         }
+    }
+
+    fn recovered(mid: &str) -> Event {
+        Event::AttemptRecovered {
+            message_id: mid.into(),
+        }
+    }
+
+    #[test]
+    fn a_lost_attempt_is_recovered_and_its_acceptance_applies() {
+        // Restored from a backup taken before the attempt: queued, no attempt.
+        let d = letter();
+        assert_eq!(
+            reject(&d, &receipt(acceptance_facts(ID, at(5)))),
+            Rejected::NeverSent(Cause::Acceptance)
+        );
+        let o = apply(&d, &recovered(MID));
+        assert_eq!(o.dispatch.state, DispatchState::Submitted);
+        assert_eq!(o.dispatch.submitted_at, Some(at(0)));
+        assert_eq!(
+            o.changes,
+            vec![
+                Change::AttemptChanged {
+                    message_id: MID.into(),
+                    from: None,
+                    to: AttemptState::Submitted,
+                    cause: Cause::AttemptRecovered,
+                },
+                Change::DispatchChanged {
+                    from: DispatchState::Queued,
+                    to: DispatchState::Submitted,
+                    cause: Cause::AttemptRecovered,
+                },
+            ]
+        );
+        let d = go(&o.dispatch, &receipt(acceptance_facts(ID, at(5))));
+        assert_eq!(d.state, DispatchState::Accepted);
+        assert_eq!(d.identificativo.as_deref(), Some(ID));
+        // The sender would start a new attempt only from queued.
+        assert!(matches!(
+            reject(&d, &started(MID2)),
+            Rejected::WrongState { .. }
+        ));
+        // The same Message-ID cannot be recovered twice.
+        assert_eq!(
+            reject(&d, &recovered(MID)),
+            Rejected::MessageIdReused(MID.into())
+        );
+        assert_eq!(reject(&d, &recovered("<>")), Rejected::EmptyMessageId);
+    }
+
+    #[test]
+    fn recovery_keeps_an_attempt_in_progress_current() {
+        // Uncertain → recovered attempt makes it submitted.
+        let d = go(&uncertain(), &recovered(MID2));
+        assert_eq!(d.state, DispatchState::Submitted);
+        // Sending: the attempt in progress stays the last one, its 250 still
+        // counts, and the dispatch state is its business.
+        let s = go(&letter(), &started(MID));
+        let d = go(&s, &recovered(MID2));
+        assert_eq!(d.state, DispatchState::Sending);
+        assert_eq!(d.current_attempt().unwrap().message_id, MID);
+        assert_eq!(d.attempts[0].message_id, MID2);
+        let d = go(&d, &Event::Submitted);
+        assert_eq!(d.state, DispatchState::Submitted);
+        assert_eq!(d.current_attempt().unwrap().state, AttemptState::Submitted);
+        // Already accepted: recorded, the state stays.
+        let a = go(&submitted(), &receipt(acceptance_facts(ID, at(5))));
+        let d = go(&a, &recovered(MID2));
+        assert_eq!(d.state, DispatchState::Accepted);
+        assert_eq!(d.attempts.len(), 2);
     }
 }

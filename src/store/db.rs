@@ -28,6 +28,14 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_retention",
         include_str!("migrations/0003_retention.sql"),
     ),
+    (
+        "0004_queue_order",
+        include_str!("migrations/0004_queue_order.sql"),
+    ),
+    (
+        "0005_recovered_attempts",
+        include_str!("migrations/0005_recovered_attempts.sql"),
+    ),
 ];
 
 /// The schema version this binary writes: the number of [`MIGRATIONS`].
@@ -889,7 +897,7 @@ fn load_detail(conn: &Connection, path: &str, d: DispatchRow) -> Result<Dispatch
                     n: r.get(1)?,
                     message_id: r.get(2)?,
                     state: r.get(3)?,
-                    eml_sha256: r.get(4)?,
+                    eml_sha256: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
                     started_at: time::col(r, 5)?,
                     finished_at: time::col_opt(r, 6)?,
                     smtp_reply: r.get(7)?,

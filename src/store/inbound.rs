@@ -36,14 +36,28 @@ impl Db {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT d.id FROM dispatches d WHERE d.mailbox = ?1 AND ( \
-                   (d.state = 'submitted' AND EXISTS (SELECT 1 FROM attempts a \
-                      WHERE a.dispatch_id = d.id AND a.state = 'submitted' AND a.finished_at <= ?2)) \
-                   OR (d.state = 'uncertain' AND EXISTS (SELECT 1 FROM attempts a \
-                      WHERE a.dispatch_id = d.id AND a.state = 'uncertain' AND a.finished_at <= ?3)) \
-                   OR (d.state = 'accepted' AND d.accepted_at <= ?4 AND EXISTS (SELECT 1 FROM \
-                      recipients r WHERE r.dispatch_id = d.id AND r.state IN ('pending', 'warned'))) \
-                 ) ORDER BY d.created_at, d.id",
+                // One branch per state, each through the (mailbox, state, ...) index
+                // (delivered letters are never visited), and the attempts of one
+                // dispatch through its primary key: the unary `+` keeps SQLite
+                // from using attempts_by_state instead, which made the query
+                // quadratic in the number of submitted letters (about 1 s per
+                // timer pass with 5,000 of them, see docs/BENCHMARKS.md).
+                "SELECT id FROM ( \
+                   SELECT d.id, d.created_at FROM dispatches d \
+                     WHERE d.mailbox = ?1 AND d.state = 'submitted' AND EXISTS (SELECT 1 \
+                       FROM attempts a WHERE a.dispatch_id = d.id AND +a.state = 'submitted' \
+                       AND a.finished_at <= ?2) \
+                   UNION ALL \
+                   SELECT d.id, d.created_at FROM dispatches d \
+                     WHERE d.mailbox = ?1 AND d.state = 'uncertain' AND EXISTS (SELECT 1 \
+                       FROM attempts a WHERE a.dispatch_id = d.id AND +a.state = 'uncertain' \
+                       AND a.finished_at <= ?3) \
+                   UNION ALL \
+                   SELECT d.id, d.created_at FROM dispatches d \
+                     WHERE d.mailbox = ?1 AND d.state = 'accepted' AND d.accepted_at <= ?4 \
+                     AND EXISTS (SELECT 1 FROM recipients r WHERE r.dispatch_id = d.id \
+                       AND +r.state IN ('pending', 'warned')) \
+                 ) ORDER BY created_at, id",
             )
             .map_err(sql(&self.path, OP))?;
         let rows = stmt
@@ -183,6 +197,10 @@ impl Db {
         }
         if update.synced {
             st.last_sync_at = Some(update.at);
+            if st.suspended_reason.as_deref() == Some(super::HOLD_UNTIL_SYNC) {
+                // Read completely once after a restore: sending may resume.
+                st.suspended_reason = None;
+            }
         }
         if let Some((used, limit)) = update.quota {
             st.quota_used = Some(used);
@@ -210,3 +228,236 @@ pub struct CursorUpdate<'a> {
     /// When.
     pub at: Timestamp,
 }
+
+impl super::Tx<'_> {
+    /// A message fetched again with a new `(uid, uidvalidity)` (a resync
+    /// after a UIDVALIDITY change) takes its new place on the server, so
+    /// that retention finds it under the current UIDVALIDITY. Only for an
+    /// incoming message, only when the stored UIDVALIDITY differs (or is
+    /// unknown: recorded by `reindex`), and never once retention has handled
+    /// it (`retained_at`). `true` when the row changed.
+    ///
+    /// # Errors
+    ///
+    /// [`super::StoreError::Sqlite`].
+    pub fn refresh_imap_source(&self, sha256: &str, uid: u32, uidvalidity: u32) -> Result<bool> {
+        const OP: &str = "refresh_imap_source";
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE messages SET imap_uid = ?2, imap_uidvalidity = ?3 \
+                 WHERE sha256 = ?1 AND direction = 'in' AND retained_at IS NULL \
+                 AND imap_uidvalidity IS NOT ?3",
+            )
+            .and_then(|mut s| s.execute(params![sha256, uid, uidvalidity]))
+            .map_err(sql(self.path, OP))?;
+        Ok(n > 0)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The reads of the ingest path.
+//
+// Ingest reads a dispatch, its rows and its events for every receipt. These
+// statements carry no ORDER BY (the rows are sorted here): SQLite expires a
+// prepared statement with `WHERE col = ?1 ... ORDER BY` at every new binding
+// and compiles it again (measured: about a tenth of the daemon's CPU time on
+// a receipt backlog went into re-preparing `Db::get` and `Db::events_for`,
+// see docs/BENCHMARKS.md "Inbound"). The results equal those of
+// [`Db::get`], [`Db::events_for`].
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{AttemptRow, DispatchDetail, DocumentRow, EventRow, RecipientRow, StoreError};
+
+/// The dispatch whose attempt has this (normalised) Message-ID.
+pub(crate) fn dispatch_of_message_id(
+    conn: &Connection,
+    path: &str,
+    message_id: &str,
+) -> Result<Option<String>> {
+    conn.prepare_cached("SELECT dispatch_id FROM attempts WHERE message_id = ?1")
+        .and_then(|mut s| s.query_row([message_id], |r| r.get(0)).optional())
+        .map_err(sql(path, "dispatch_of_message_id"))
+}
+
+/// The dispatches with this identificativo, oldest first.
+pub(crate) fn dispatches_of_identificativo(
+    conn: &Connection,
+    path: &str,
+    identificativo: &str,
+) -> Result<Vec<String>> {
+    let mut rows: Vec<(String, String)> = conn
+        .prepare_cached("SELECT id, created_at FROM dispatches WHERE identificativo = ?1")
+        .and_then(|mut s| {
+            s.query_map([identificativo], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql(path, "dispatches_of_identificativo"))?;
+    rows.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+    Ok(rows.into_iter().map(|(id, _)| id).collect())
+}
+
+/// [`Db::get`], for ingest.
+pub(crate) fn detail(conn: &Connection, path: &str, id: &str) -> Result<Option<DispatchDetail>> {
+    const OP: &str = "get dispatch detail (ingest)";
+    let Some(d) = super::db::dispatch(conn, path, id)? else {
+        return Ok(None);
+    };
+    let mut recipients: Vec<(i64, RecipientRow)> = conn
+        .prepare_cached(
+            "SELECT dispatch_id, address, field, certified, state, detail, conflict, updated_at, \
+             position FROM recipients WHERE dispatch_id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([&d.id], |r| {
+                let field: String = r.get(2)?;
+                Ok((
+                    r.get(8)?,
+                    RecipientRow {
+                        dispatch_id: r.get(0)?,
+                        address: r.get(1)?,
+                        field: field.parse().map_err(|e: StoreError| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                2,
+                                rusqlite::types::Type::Text,
+                                Box::new(e),
+                            )
+                        })?,
+                        certified: r.get::<_, Option<i64>>(3)?.map(|c| c != 0),
+                        state: r.get(4)?,
+                        detail: r.get(5)?,
+                        conflict: r.get(6)?,
+                        updated_at: time::col(r, 7)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql(path, OP))?;
+    recipients.sort_by_key(|(position, _)| *position);
+    let mut attempts: Vec<AttemptRow> = conn
+        .prepare_cached(
+            "SELECT dispatch_id, n, message_id, state, eml_sha256, started_at, finished_at, \
+             smtp_reply FROM attempts WHERE dispatch_id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([&d.id], |r| {
+                Ok(AttemptRow {
+                    dispatch_id: r.get(0)?,
+                    n: r.get(1)?,
+                    message_id: r.get(2)?,
+                    state: r.get(3)?,
+                    eml_sha256: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                    started_at: time::col(r, 5)?,
+                    finished_at: time::col_opt(r, 6)?,
+                    smtp_reply: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql(path, OP))?;
+    attempts.sort_by_key(|a| a.n);
+    let mut documents: Vec<(i64, DocumentRow)> = conn
+        .prepare_cached("SELECT name, sha256, size, position FROM documents WHERE dispatch_id = ?1")
+        .and_then(|mut s| {
+            s.query_map([&d.id], |r| {
+                let size: i64 = r.get(2)?;
+                Ok((
+                    r.get(3)?,
+                    DocumentRow {
+                        name: r.get(0)?,
+                        sha256: r.get(1)?,
+                        size: u64::try_from(size)
+                            .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(2, size))?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql(path, OP))?;
+    documents.sort_by_key(|(position, _)| *position);
+    Ok(Some(DispatchDetail {
+        dispatch: d,
+        recipients: recipients.into_iter().map(|(_, r)| r).collect(),
+        attempts,
+        documents: documents.into_iter().map(|(_, d)| d).collect(),
+    }))
+}
+
+/// [`Db::events_for`], for ingest.
+pub(crate) fn events(conn: &Connection, path: &str, dispatch_id: &str) -> Result<Vec<EventRow>> {
+    let mut rows: Vec<EventRow> = conn
+        .prepare_cached(
+            "SELECT seq, at, mailbox, dispatch_id, event, cause, detail, prev_hash, hash \
+             FROM events WHERE dispatch_id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([dispatch_id], |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    at: time::col(r, 1)?,
+                    mailbox: r.get(2)?,
+                    dispatch_id: r.get(3)?,
+                    event: r.get(4)?,
+                    cause: r.get(5)?,
+                    detail: r.get(6)?,
+                    prev_hash: r.get(7)?,
+                    hash: r.get(8)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql(path, "events_for (ingest)"))?;
+    rows.sort_by_key(|e| e.seq);
+    Ok(rows)
+}
+
+macro_rules! ingest_reads {
+    ($t:ty, $conn:ident, $path:ident) => {
+        impl $t {
+            /// The dispatch whose attempt has this Message-ID (normalised),
+            /// for ingest.
+            ///
+            /// # Errors
+            ///
+            /// [`StoreError::Sqlite`].
+            pub fn ingest_dispatch_of_message_id(
+                &self,
+                message_id: &str,
+            ) -> Result<Option<String>> {
+                dispatch_of_message_id(&self.$conn, &self.$path, message_id)
+            }
+
+            /// The dispatches with this identificativo, oldest first, for ingest.
+            ///
+            /// # Errors
+            ///
+            /// [`StoreError::Sqlite`].
+            pub fn ingest_dispatches_of_identificativo(&self, ident: &str) -> Result<Vec<String>> {
+                dispatches_of_identificativo(&self.$conn, &self.$path, ident)
+            }
+
+            /// `get`, with statements that SQLite does not re-prepare at
+            /// every binding (see the comment above), for ingest.
+            ///
+            /// # Errors
+            ///
+            /// [`StoreError::Sqlite`].
+            pub fn ingest_get(&self, dispatch_id: &str) -> Result<Option<DispatchDetail>> {
+                detail(&self.$conn, &self.$path, dispatch_id)
+            }
+
+            /// `events_for`, likewise, for ingest.
+            ///
+            /// # Errors
+            ///
+            /// [`StoreError::Sqlite`].
+            pub fn ingest_events_for(&self, dispatch_id: &str) -> Result<Vec<EventRow>> {
+                events(&self.$conn, &self.$path, dispatch_id)
+            }
+        }
+    };
+}
+ingest_reads!(Db, conn, path);
+ingest_reads!(super::Tx<'_>, tx, path);

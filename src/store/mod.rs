@@ -61,6 +61,16 @@ pub use query::{ReceiptCount, ReportLetter, ReportRecipient};
 pub use rebuild::RestoredAttempt;
 pub use tx::Tx;
 
+/// The suspension `restore` and `reindex` put on every mailbox
+/// (`mailbox_state.suspended_reason`): letters `queued` in a database
+/// brought back from a backup (or rebuilt) may have been sent after it, so
+/// nothing is sent until the mailbox has been read completely once; the
+/// acceptances of such letters (their Message-IDs name the dispatch) then
+/// mark them accepted instead of letting them go out a second time.
+/// [`Db::save_cursor`] lifts it at the first complete sync.
+pub const HOLD_UNTIL_SYNC: &str =
+    "restored: sending waits until the mailbox has been read completely once";
+
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -297,7 +307,8 @@ pub struct AttemptRow {
     pub message_id: String,
     /// One of [`ATTEMPT_STATES`].
     pub state: String,
-    /// SHA-256 of the exact bytes sent (a `messages` row).
+    /// SHA-256 of the exact bytes sent (a `messages` row); empty for an
+    /// attempt recovered from a receipt, whose bytes are not known.
     pub eml_sha256: String,
     /// When the attempt was committed as `sending`.
     pub started_at: Timestamp,

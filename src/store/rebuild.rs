@@ -187,7 +187,12 @@ impl Tx<'_> {
     ) -> Result<()> {
         const OP: &str = "restore_attempt";
         check_name("attempt state", ATTEMPT_STATES, &a.state)?;
-        check_sha256("message hash", &a.eml_sha256)?;
+        // Empty: an attempt recovered from a receipt, whose bytes pecgate
+        // never had (see [`Tx::recover_attempt`]); stored as NULL.
+        let eml = (!a.eml_sha256.is_empty()).then_some(a.eml_sha256.as_str());
+        if let Some(eml) = eml {
+            check_sha256("message hash", eml)?;
+        }
         let mid = normalize_message_id(&a.message_id).ok_or_else(|| {
             StoreError::Invalid(format!(
                 "dispatch {dispatch_id}: attempt {} has no Message-ID",
@@ -210,7 +215,7 @@ impl Tx<'_> {
                     a.n,
                     mid,
                     a.state,
-                    a.eml_sha256,
+                    eml,
                     time::fmt(a.started_at),
                     a.finished_at.map(time::fmt),
                     a.smtp_reply
@@ -231,6 +236,78 @@ impl Tx<'_> {
             }),
         })?;
         Ok(())
+    }
+
+    /// Records an attempt the store had lost (a restore from backup, a
+    /// reindex from an outdated `dispatch.json`) but a signed receipt names:
+    /// state `submitted` (the provider has it), started and finished `at`,
+    /// no SMTP reply, and no `eml_sha256` (NULL: the exact bytes are not
+    /// known). Its number is `n` (from its Message-ID,
+    /// `<DISPATCHID.N.HEX@host>`) when free, else the next free one. Appends
+    /// `attempt.recovered` (with `cause`) and `detail` merged into
+    /// `{attempt, message_id, n_in_message_id}`. The dispatch state is the caller's business. Returns
+    /// the number used.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] for an empty Message-ID;
+    /// [`StoreError::NotFound`] for an unknown dispatch; [`StoreError::Sqlite`]
+    /// when the Message-ID is taken.
+    pub fn recover_attempt(
+        &self,
+        dispatch_id: &str,
+        n: u32,
+        message_id: &str,
+        at: Timestamp,
+        cause: &str,
+        detail: Value,
+    ) -> Result<u32> {
+        const OP: &str = "recover_attempt";
+        let mid = normalize_message_id(message_id).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "dispatch {dispatch_id}: recovered attempt without Message-ID"
+            ))
+        })?;
+        let (mailbox, taken, max): (Option<String>, bool, u32) = self
+            .tx
+            .prepare_cached(
+                "SELECT (SELECT mailbox FROM dispatches WHERE id = ?1), \
+                 coalesce(max(n = ?2), 0), coalesce(max(n), 0) FROM attempts \
+                 WHERE dispatch_id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![dispatch_id, n], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+            })
+            .map_err(sql(self.path, OP))?;
+        let mailbox =
+            mailbox.ok_or_else(|| StoreError::NotFound(format!("dispatch {dispatch_id}")))?;
+        let used = if n == 0 || taken { max + 1 } else { n };
+        let ts = time::fmt(at);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO attempts (dispatch_id, n, message_id, state, eml_sha256, started_at, \
+                 finished_at) VALUES (?1, ?2, ?3, 'submitted', NULL, ?4, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![dispatch_id, used, mid, ts]))
+            .map_err(sql(self.path, OP))?;
+        let mut d = json!({
+            "attempt": used, "message_id": mid, "n_in_message_id": n, "state": "submitted",
+            "eml_sha256": null,
+        });
+        if let (Value::Object(m), Value::Object(extra)) = (&mut d, detail) {
+            m.extend(extra);
+        }
+        self.append_event(&NewEvent {
+            at,
+            mailbox: Some(mailbox),
+            dispatch_id: Some(dispatch_id.to_owned()),
+            event: "attempt.recovered".into(),
+            cause: cause.to_owned(),
+            detail: d,
+        })?;
+        Ok(used)
     }
 }
 

@@ -549,17 +549,7 @@ impl Gateway {
     /// `pecgate --config F ARGS...` with the daemon's configuration
     /// overrides: (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pecgate"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("PECGATE_CONFIG")
-            .env_remove("PECGATE_LOG_FORMAT")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("run pecgate");
+        let out = self.command(args).await;
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
