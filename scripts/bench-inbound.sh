@@ -85,33 +85,8 @@ chmod 0755 "$work"
 W=$work/world
 mkdir -p "$W"
 
-if [ "$PIN" != 0 ] && command -v taskset >/dev/null; then
-    run_daemon=(nice -n "$NICE" taskset -c "$DAEMON_CPU")
-    run_sandbox=(nice -n "$NICE" taskset -c "$SANDBOX_CPU")
-else
-    run_daemon=(nice -n "$NICE")
-    run_sandbox=(nice -n "$NICE")
-fi
-
-sandbox_pid=""
-daemon_pid=""
-strace_pid=""
-cleanup() {
-    local rc=$?
-    [ -n "$strace_pid" ] && kill -INT "$strace_pid" 2>/dev/null || true
-    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid" 2>/dev/null || true
-        wait "$daemon_pid" 2>/dev/null || true
-    fi
-    if [ -n "$sandbox_pid" ] && kill -0 "$sandbox_pid" 2>/dev/null; then
-        kill -TERM "$sandbox_pid" 2>/dev/null || true
-        wait "$sandbox_pid" 2>/dev/null || true
-    fi
-    if [ -z "${KEEP:-}" ]; then rm -rf "$work"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/bench-common.sh
+. "$repo/scripts/bench-common.sh"
 
 cpu_of() { # PID -> utime + stime in seconds
     python3 - "$1" <<'PY'
@@ -122,26 +97,14 @@ print((int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK"))
 PY
 }
 
-echo "== machine"
-echo "nproc: $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
-echo "memory: $(grep MemTotal /proc/meminfo | tr -s ' ')"
-echo "kernel: $(uname -r); file system of $work: $(df -T "$work" | awk 'NR==2 {print $2}')"
-echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
+bench_machine
 echo "dovecot: $(dovecot --version 2>/dev/null || /usr/sbin/dovecot --version)"
 src_state=$(git -C "$repo" status --porcelain -- src 2>/dev/null | wc -l)
 echo "pecgate: $PECGATE ($("$PECGATE" --version)); tree at git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'), $src_state uncommitted change(s) under src/"
 echo "daemon on CPU $DAEMON_CPU, sandbox on CPU $SANDBOX_CPU (PIN=$PIN), nice $NICE; RECEIPTS=$RECEIPTS N=$N"
 echo "work dir: $work"
 
-echo "== sandbox"
-"${run_sandbox[@]}" "$PECGATE" sandbox --dir "$W" >"$work/sandbox.log" 2>&1 &
-sandbox_pid=$!
-for _ in $(seq 300); do
-    [ -s "$W/sandbox.json" ] && break
-    kill -0 "$sandbox_pid" 2>/dev/null || { cat "$work/sandbox.log" >&2; exit 1; }
-    sleep 0.1
-done
-[ -s "$W/sandbox.json" ] || { echo "bench-inbound: the sandbox did not start" >&2; exit 1; }
+bench_sandbox bench-inbound
 echo "sandbox pid $sandbox_pid"
 
 echo "== backlog: $LETTERS letters, $RECEIPTS receipts appended to the office mailbox"

@@ -89,35 +89,8 @@ chmod 0755 "$work"
 W=$work/world
 mkdir -p "$W"
 
-if command -v taskset >/dev/null; then
-    run_daemon=(nice -n "$NICE" taskset -c "$DAEMON_CPU")
-    run_sandbox=(nice -n "$NICE" taskset -c "$SANDBOX_CPU")
-else
-    run_daemon=(nice -n "$NICE")
-    run_sandbox=(nice -n "$NICE")
-fi
-
-sandbox_pid=""
-daemon_pid=""
-sampler_pid=""
-strace_pid=""
-cleanup() {
-    local rc=$?
-    [ -n "$strace_pid" ] && kill -INT "$strace_pid" 2>/dev/null || true
-    [ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null || true
-    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid" 2>/dev/null || true
-        wait "$daemon_pid" 2>/dev/null || true
-    fi
-    if [ -n "$sandbox_pid" ] && kill -0 "$sandbox_pid" 2>/dev/null; then
-        kill -TERM "$sandbox_pid" 2>/dev/null || true
-        wait "$sandbox_pid" 2>/dev/null || true
-    fi
-    if [ -z "${KEEP:-}" ]; then rm -rf "$work"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/bench-common.sh
+. "$repo/scripts/bench-common.sh"
 
 # The analysis: python3, standard library only.
 cat >"$work/analyse.py" <<'PY'
@@ -439,11 +412,7 @@ C
     preload=(env "LD_PRELOAD=$work/nodelay.so")
 fi
 
-echo "== machine"
-echo "nproc: $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
-echo "memory: $(grep MemTotal /proc/meminfo | tr -s ' ')"
-echo "kernel: $(uname -r); file system of $work: $(df -T "$work" | awk 'NR==2 {print $2}')"
-echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
+bench_machine
 src_state=$(git -C "$repo" status --porcelain -- src 2>/dev/null | wc -l)
 echo "pecgate: $PECGATE ($("$PECGATE" --version)); tree at git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'), $src_state uncommitted change(s) under src/ at the start"
 echo "daemon on CPU $DAEMON_CPU, sandbox on CPU $SANDBOX_CPU, nice $NICE; N=$N BATCH=$BATCH DOC_BYTES=$DOC_BYTES"
@@ -493,15 +462,7 @@ print(f"write + rename without fsync: {(t1 - t) / 400 * 1e6:.0f} us per file; "
 PY
 rm -rf "$work/disk-probe"
 
-echo "== sandbox"
-"${run_sandbox[@]}" "$PECGATE" sandbox --dir "$W" >"$work/sandbox.log" 2>&1 &
-sandbox_pid=$!
-for _ in $(seq 300); do
-    [ -s "$W/sandbox.json" ] && break
-    kill -0 "$sandbox_pid" 2>/dev/null || { cat "$work/sandbox.log" >&2; exit 1; }
-    sleep 0.1
-done
-[ -s "$W/sandbox.json" ] || { echo "bench-outbound: the sandbox did not start" >&2; exit 1; }
+bench_sandbox bench-outbound
 echo "sandbox pid $sandbox_pid, $(head -n 3 "$work/sandbox.log" | tail -n 2 | tr -s ' ' | tr '\n' ';')"
 
 export PECGATE__MAILBOX__PROTOCOLLO__PACE__PER_MINUTE=1000000

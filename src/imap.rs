@@ -46,6 +46,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
 /// Wait after the server refused the login: retrying sooner would only
 /// lock the account (the password must be fixed first).
 pub const AUTH_RETRY: Duration = Duration::from_secs(30 * 60);
+/// While a mailbox stays above its quota threshold, `mailbox.quota_high`
+/// is logged again at most this often.
+pub const QUOTA_WARN_EVERY: Duration = Duration::from_secs(60 * 60);
 /// Messages fetched per `UID FETCH` by [`run`].
 pub const DEFAULT_BATCH: usize = 20;
 /// Messages fetched per `UID FETCH`, and handed over together, by
@@ -927,7 +930,16 @@ where
     let mut cursor = cursor;
     let mut failures: u32 = 0;
     let warn_percent = u64::from(cfg.quota_warn_percent);
+    // The quota warning is logged when the use crosses the threshold and
+    // then at most every QUOTA_WARN_EVERY while it stays above (every sync
+    // would flood the log).
+    let mut quota_warned: Option<std::time::Instant> = None;
     let mut emit = |ev: SyncEvent| {
+        if let SyncEvent::Quota { used, limit } = &ev
+            && !(*limit > 0 && used.saturating_mul(100) >= limit.saturating_mul(warn_percent))
+        {
+            quota_warned = None;
+        }
         match &ev {
             SyncEvent::UidValidityChanged { old, new } => tracing::warn!(
                 event = event::MAILBOX_UIDVALIDITY_CHANGED,
@@ -937,8 +949,11 @@ where
                 "uidvalidity changed: full resync"
             ),
             SyncEvent::Quota { used, limit }
-                if *limit > 0 && used.saturating_mul(100) >= limit.saturating_mul(warn_percent) =>
+                if *limit > 0
+                    && used.saturating_mul(100) >= limit.saturating_mul(warn_percent)
+                    && quota_warned.is_none_or(|t| t.elapsed() >= QUOTA_WARN_EVERY) =>
             {
+                quota_warned = Some(std::time::Instant::now());
                 tracing::warn!(
                     event = event::MAILBOX_QUOTA_HIGH,
                     mailbox,

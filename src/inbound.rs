@@ -322,47 +322,30 @@ pub fn timer_pass(
         };
         let events = db.events_for(&id).map_err(|e| e.to_string())?;
         let d = dispatch_from_store(&detail, &events).map_err(|e| format!("dispatch {id}: {e}"))?;
+        let timer = TimerEvent {
+            mailbox,
+            id: &id,
+            now,
+        };
         for due in rules.due(&d, now) {
             match due {
                 Due::AcceptanceOverdue { submitted_at } => {
-                    if db
-                        .has_event(&id, event::DEADLINE_ACCEPTANCE_OVERDUE, None)
-                        .map_err(|e| e.to_string())?
-                    {
+                    let detail = json!({"submitted_at": crate::sent::ts(submitted_at),
+                        "limit_seconds": rules.acceptance.as_secs()});
+                    if !timer.log_once(db, event::DEADLINE_ACCEPTANCE_OVERDUE, None, detail)? {
                         continue;
                     }
-                    db.append_event(&NewEvent {
-                        at: now,
-                        mailbox: Some(mailbox.to_owned()),
-                        dispatch_id: Some(id.clone()),
-                        event: event::DEADLINE_ACCEPTANCE_OVERDUE.into(),
-                        cause: "timer".into(),
-                        detail: json!({"submitted_at": crate::sent::ts(submitted_at),
-                            "limit_seconds": rules.acceptance.as_secs()}),
-                    })
-                    .map_err(|e| e.to_string())?;
                     warn!({ field::EVENT } = event::DEADLINE_ACCEPTANCE_OVERDUE, { field::DISPATCH_ID } = %id, { field::MAILBOX } = %mailbox, submitted_at = %submitted_at, "no acceptance receipt within the configured time");
                     report.overdue += 1;
                 }
                 Due::Stale { address } => {
                     let address = address.to_lowercase();
-                    if db
-                        .has_event(&id, event::DEADLINE_STALE, Some(&address))
-                        .map_err(|e| e.to_string())?
-                    {
+                    let detail = json!({"recipient": address,
+                        "accepted_at": d.accepted_at.map(crate::sent::ts),
+                        "limit_seconds": rules.delivery.as_secs()});
+                    if !timer.log_once(db, event::DEADLINE_STALE, Some(&address), detail)? {
                         continue;
                     }
-                    db.append_event(&NewEvent {
-                        at: now,
-                        mailbox: Some(mailbox.to_owned()),
-                        dispatch_id: Some(id.clone()),
-                        event: event::DEADLINE_STALE.into(),
-                        cause: "timer".into(),
-                        detail: json!({"recipient": address,
-                            "accepted_at": d.accepted_at.map(crate::sent::ts),
-                            "limit_seconds": rules.delivery.as_secs()}),
-                    })
-                    .map_err(|e| e.to_string())?;
                     error!({ field::EVENT } = event::DEADLINE_STALE, { field::DISPATCH_ID } = %id, { field::MAILBOX } = %mailbox, { field::RECIPIENT } = %address, "no delivery or failure receipt within the configured hours: the recipient may have to be reached otherwise");
                     report.stale += 1;
                 }
@@ -389,6 +372,42 @@ pub fn timer_pass(
         }
     }
     Ok(report)
+}
+
+/// A deadline event the timer logs (cause `timer`) for one dispatch.
+struct TimerEvent<'a> {
+    mailbox: &'a str,
+    id: &'a str,
+    now: Timestamp,
+}
+
+impl TimerEvent<'_> {
+    /// Appends `name` with `detail` unless the dispatch's log already has it
+    /// (for `recipient`, when given): true when it was appended.
+    fn log_once(
+        &self,
+        db: &mut Db,
+        name: &str,
+        recipient: Option<&str>,
+        detail: serde_json::Value,
+    ) -> Result<bool, String> {
+        if db
+            .has_event(self.id, name, recipient)
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(false);
+        }
+        db.append_event(&NewEvent {
+            at: self.now,
+            mailbox: Some(self.mailbox.to_owned()),
+            dispatch_id: Some(self.id.to_owned()),
+            event: name.into(),
+            cause: "timer".into(),
+            detail,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(true)
+    }
 }
 
 /// Runs [`timer_pass`] for `mailbox` until `cancel`: every few seconds

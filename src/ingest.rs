@@ -1260,18 +1260,7 @@ fn archive_many(root: &Path, raws: &[&[u8]]) -> Result<Vec<archive::Archived>, A
 /// The kinds a batch applies inside its transaction; the others (incoming
 /// mail, anomalies) take the single-message path after it.
 fn applied_in_batch(kind: &Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Acceptance
-            | Kind::NonAcceptance
-            | Kind::TakenInCharge
-            | Kind::Delivery
-            | Kind::DeliveryError
-            | Kind::DeliveryTimeout
-            | Kind::VirusDetected
-            | Kind::Unknown(_)
-            | Kind::NotPec
-    )
+    kind.is_receipt() || matches!(kind, Kind::Unknown(_) | Kind::NotPec)
 }
 
 /// What the batch transaction did with one message; logged and filed after

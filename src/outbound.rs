@@ -27,9 +27,7 @@ use crate::config::{Config, MailboxConfig};
 use crate::outbox::{Letter, intake};
 use crate::sent::{self, AttemptRecord, DispatchRecord, DocumentRecord, EnvelopeRecord};
 use crate::smtp::{self, Draft, Pacer, SubmitOutcome, Submitter};
-use crate::store::{
-    self, Direction, Field, MessageRow, NewDispatch, NewDocument, NewRecipient, Store,
-};
+use crate::store::{self, Direction, MessageRow, NewDispatch, NewDocument, NewRecipient, Store};
 use crate::telemetry::{event, field};
 
 /// The dispatch id of a letter taken from a claim: the claim's time and a
@@ -315,18 +313,7 @@ fn new_dispatch(
         source: letter.name.clone(),
         sent_dir: dir.display().to_string(),
         created_at: now,
-        recipients: letter
-            .to
-            .iter()
-            .map(|a| NewRecipient {
-                address: a.clone(),
-                field: Field::To,
-            })
-            .chain(letter.cc.iter().map(|a| NewRecipient {
-                address: a.clone(),
-                field: Field::Cc,
-            }))
-            .collect(),
+        recipients: NewRecipient::to_and_cc(&letter.to, &letter.cc),
         documents: letter
             .attachments
             .iter()

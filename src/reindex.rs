@@ -38,7 +38,7 @@ use crate::pec::inspect::inspect;
 use crate::pec::kind::Kind;
 use crate::sent::{self, DispatchRecord};
 use crate::store::{
-    self, Db, Direction, DispatchChange, Field, MessageRow, NewDispatch, NewDocument, NewEvent,
+    self, Db, Direction, DispatchChange, MessageRow, NewDispatch, NewDocument, NewEvent,
     NewRecipient, RestoredAttempt, StoreError,
 };
 use crate::telemetry::{event, field};
@@ -457,29 +457,34 @@ fn build(
     Ok(())
 }
 
+/// The entries of `dir` (only its subfolders, not followed through links,
+/// when `dirs_only`) as (name, path), in name order; a folder that cannot be
+/// read is a problem and lists nothing.
+fn sorted_entries(dir: &Path, dirs_only: bool, summary: &mut Summary) -> Vec<(String, PathBuf)> {
+    match fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut v: Vec<(String, PathBuf)> = rd
+                .flatten()
+                .filter(|e| !dirs_only || e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                .collect();
+            v.sort();
+            v
+        }
+        Err(e) => {
+            summary.problem(dir, format!("cannot read the folder: {e}"));
+            Vec::new()
+        }
+    }
+}
+
 /// `sent/YYYY/MM/<dispatch-id>/` folders, in name order (= time order).
 /// Folders at that depth that are not letters are skipped; a missing tree
 /// is a problem only when the mailbox has one configured (always).
 fn letter_folders(root: &Path, summary: &mut Summary) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let digits = |name: &str, n: usize| name.len() == n && name.bytes().all(|b| b.is_ascii_digit());
-    let dirs = |dir: &Path, summary: &mut Summary| -> Vec<(String, PathBuf)> {
-        match fs::read_dir(dir) {
-            Ok(rd) => {
-                let mut v: Vec<(String, PathBuf)> = rd
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-                    .collect();
-                v.sort();
-                v
-            }
-            Err(e) => {
-                summary.problem(dir, format!("cannot read the folder: {e}"));
-                Vec::new()
-            }
-        }
-    };
+    let dirs = |dir: &Path, summary: &mut Summary| sorted_entries(dir, true, summary);
     if !root.is_dir() {
         summary.problem(
             root,
@@ -657,18 +662,7 @@ fn plan_letter(
 ) -> Result<Plan, String> {
     let created_at = parse_time(&record.created_at, json_path, "created_at")?;
     let env = &record.envelope;
-    let recipients: Vec<NewRecipient> = env
-        .to
-        .iter()
-        .map(|a| NewRecipient {
-            address: a.clone(),
-            field: Field::To,
-        })
-        .chain(env.cc.iter().map(|a| NewRecipient {
-            address: a.clone(),
-            field: Field::Cc,
-        }))
-        .collect();
+    let recipients = NewRecipient::to_and_cc(&env.to, &env.cc);
     for d in &env.attachments {
         let path = dir.join(&d.name);
         let ok = Path::new(&d.name).file_name() == Some(std::ffi::OsStr::new(&d.name))
@@ -894,22 +888,7 @@ fn archive_entries(
         return out;
     }
     let hex2 = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let sorted_dir = |dir: &Path, summary: &mut Summary| -> Vec<(String, PathBuf)> {
-        match fs::read_dir(dir) {
-            Ok(rd) => {
-                let mut v: Vec<(String, PathBuf)> = rd
-                    .flatten()
-                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-                    .collect();
-                v.sort();
-                v
-            }
-            Err(e) => {
-                summary.problem(dir, format!("cannot read the folder: {e}"));
-                Vec::new()
-            }
-        }
-    };
+    let sorted_dir = |dir: &Path, summary: &mut Summary| sorted_entries(dir, false, summary);
     for (a, adir) in sorted_dir(root, summary) {
         if !hex2(&a) || !adir.is_dir() {
             continue;

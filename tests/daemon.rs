@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbound_support::*;
-use sandbox_support::{Env, MARIO, PAOLO, signal, within};
+use sandbox_support::{Env, MARIO, OFFICE, PAOLO, signal, within};
 use serde_json::Value;
 
 /// Collects the datagrams the daemon sends to the fake notify socket.
@@ -58,6 +58,17 @@ impl NotifySocket {
             );
         }
     }
+}
+
+/// Drops the envelope `name` (TOML text, no documents) and waits until it
+/// is the one letter in the store and delivered; returns its `list` entry.
+async fn send_the_one_letter(gw: &Gateway, name: &str, envelope: &str) -> Value {
+    drop_letter(&gw.outbox(), name, envelope, &[]);
+    gw.wait_list("the letter delivered", Duration::from_secs(60), |l| {
+        l.len() == 1 && l[0]["state"] == "delivered"
+    })
+    .await
+    .remove(0)
 }
 
 fn has_line(msg: &str, line: &str) -> bool {
@@ -121,20 +132,14 @@ async fn notify_reload_and_stop() {
         fs::write(&config, &changed).unwrap();
 
         // ... and still works: a letter goes all the way.
-        drop_letter(
-            &gw.outbox(),
+        let done = send_the_one_letter(
+            &gw,
             "dopo-reload.toml",
             &format!(
                 "to = [\"{MARIO}\"]\nsubject = \"Dopo il reload\"\nbody = \"Testo riservato della lettera\"\nkind = \"avviso\"\n"
             ),
-            &[],
-        );
-        let done = gw
-            .wait_list("the letter delivered", Duration::from_secs(60), |l| {
-                l.len() == 1 && l[0]["state"] == "delivered"
-            })
-            .await
-            .remove(0);
+        )
+        .await;
         assert_eq!(done["subject"], "Dopo il reload");
 
         // SIGTERM: STOPPING, exit 0 within the stop timeout.
@@ -172,20 +177,14 @@ async fn one_letter_is_followed_with_jq_from_submission_to_delivery() {
         let env = Env::start(3600.0, None).await;
         let mut gw = Gateway::start_full(&env, &[]).await;
         let body = "Contenuto personale che non deve finire nei log 7f3a";
-        drop_letter(
-            &gw.outbox(),
+        let done = send_the_one_letter(
+            &gw,
             "seguimi.toml",
             &format!(
                 "to = [\"{MARIO}\"]\ncc = [\"{PAOLO}\"]\nsubject = \"Da seguire nei log\"\nbody = \"{body}\"\nkind = \"raccomandata\"\nprotocol = \"2026/0000777\"\n"
             ),
-            &[],
-        );
-        let done = gw
-            .wait_list("the letter delivered", Duration::from_secs(60), |l| {
-                l.len() == 1 && l[0]["state"] == "delivered"
-            })
-            .await
-            .remove(0);
+        )
+        .await;
         let id = done["dispatch_id"].as_str().unwrap().to_owned();
         gw.stop_cleanly().await;
 
@@ -248,4 +247,54 @@ fn collect_passwords(v: &Value, out: &mut Vec<String>) {
         Value::Array(a) => a.iter().for_each(|x| collect_passwords(x, out)),
         _ => {}
     }
+}
+
+/// A nearly full mailbox bounces citizens' mail: the daemon reads the IMAP
+/// quota and raises `mailbox.quota_high` (warn) above the configured
+/// percentage; `pecgate status` shows the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_raises_a_quota_warning() {
+    within(120, async {
+        let env = Env::start(3600.0, None).await;
+        // Dovecot's quota is 1 GiB: 1 % is about 10.7 MB; one 12 MB message
+        // (not PEC: archived and recorded only) passes it.
+        let mut big = b"From: someone@posta.sandbox.test\r\nTo: protocollo@pec.comune.sandbox.test\r\nSubject: grande\r\nMessage-ID: <big@posta.sandbox.test>\r\n\r\n".to_vec();
+        let line = [b'x'; 998];
+        while big.len() < 12 * 1024 * 1024 {
+            big.extend_from_slice(&line);
+            big.extend_from_slice(b"\r\n");
+        }
+        let mut session = sandbox_support::imap_login(&env.info, OFFICE)
+            .await
+            .expect("IMAP login");
+        session
+            .append("INBOX", None, None, &big)
+            .await
+            .expect("APPEND");
+        let _ = session.logout().await;
+
+        let mut gw = Gateway::start_full(
+            &env,
+            &[("PECGATE__MAILBOX__PROTOCOLLO__IMAP__QUOTA_WARN_PERCENT", "1")],
+        )
+        .await;
+        gw.wait_log("mailbox.quota_high", Duration::from_secs(30), |l| {
+            l["event"] == "mailbox.quota_high"
+                && l["level"] == "WARN"
+                && l["mailbox"] == "protocollo"
+                && l["used"].as_u64().is_some_and(|u| u >= 12_000_000)
+                && l["limit"].as_u64() == Some(1024 * 1024 * 1024)
+        })
+        .await;
+        // Once per crossing, not at every sync (IDLE wakes, polls).
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(gw.events("mailbox.quota_high").len(), 1, "{}", gw.log_text());
+        let out = gw.command(&["status", "--json"]).await;
+        assert!(out.status.success(), "{out:?}");
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+        let text = status.to_string();
+        assert!(text.contains("1073741824"), "quota limit shown: {text}");
+        gw.stop_cleanly().await;
+    })
+    .await;
 }

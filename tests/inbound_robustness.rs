@@ -501,10 +501,7 @@ async fn resolve_resend_and_mark_sent_while_the_daemon_runs() {
 async fn killed_at_random_moments_every_letter_is_delivered_exactly_once() {
     within(200, async {
         const LETTERS: usize = 150;
-        let seed = std::env::var("PECGATE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5EED_2026_u64);
+        let seed = test_seed();
         let mut rng = Rng::new(seed);
         let citizens = [ANAGRAFE, MARIO, GIULIA, LUCA];
         let recipient = |n: usize| citizens[n % citizens.len()];
@@ -513,23 +510,7 @@ async fn killed_at_random_moments_every_letter_is_delivered_exactly_once() {
         let vars = [("PECGATE__MAILBOX__PROTOCOLLO__PACE__PER_MINUTE", "100000")];
         let mut gw = Gateway::start_full(&env, &vars).await;
         let outbox = gw.outbox();
-        let envelopes_text: Vec<(String, String)> = (1..=LETTERS)
-            .map(|n| {
-                (
-                    format!("lettera-{n}.toml"),
-                    format!(
-                        "to = [\"{}\"]\nsubject = \"{}\"\nbody = \"Testo della lettera numero {n}.\"\nkind = \"avviso\"\n",
-                        recipient(n),
-                        subject(n)
-                    ),
-                )
-            })
-            .collect();
-        let files: Vec<(&str, &[u8])> = envelopes_text
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.as_bytes()))
-            .collect();
-        drop_files(&outbox, &files);
+        drop_numbered_letters(&outbox, LETTERS, recipient);
 
         // SIGKILLed at random moments (sending, receiving, both), restarted
         // each time.
@@ -559,13 +540,14 @@ async fn killed_at_random_moments_every_letter_is_delivered_exactly_once() {
         .await;
 
         // Left to run: every letter ends delivered, none uncertain.
-        gw.wait_list(
-            "every letter delivered",
-            Duration::from_secs(150),
-            |l| l.len() == LETTERS && l.iter().all(|d| d["state"] == "delivered"),
-        )
+        gw.wait_list("every letter delivered", Duration::from_secs(150), |l| {
+            l.len() == LETTERS && l.iter().all(|d| d["state"] == "delivered")
+        })
         .await;
-        eprintln!("all delivered {:?} after the letters were dropped", started.elapsed());
+        eprintln!(
+            "all delivered {:?} after the letters were dropped",
+            started.elapsed()
+        );
         assert!(gw.list(Some("uncertain")).await.is_empty());
 
         // What each recipient got: every letter exactly once.
@@ -591,12 +573,7 @@ async fn killed_at_random_moments_every_letter_is_delivered_exactly_once() {
                 recipient(n)
             );
         }
-        let mut dispatches = Vec::new();
-        db.list(None, None, |d| {
-            dispatches.push(d);
-            std::ops::ControlFlow::Continue(())
-        })
-        .expect("list");
+        let dispatches = all_dispatches(&db);
         assert_eq!(dispatches.len(), LETTERS, "one dispatch per letter");
         for d in &dispatches {
             let id = &d.dispatch.id;
@@ -612,7 +589,11 @@ async fn killed_at_random_moments_every_letter_is_delivered_exactly_once() {
                     .all(|s| *s == "submitted" || *s == "uncertain" || *s == "failed-transient"),
                 "{id}: {states:?}"
             );
-            let delivered = d.attempts.iter().find(|a| a.state == "submitted").expect("submitted");
+            let delivered = d
+                .attempts
+                .iter()
+                .find(|a| a.state == "submitted")
+                .expect("submitted");
             let inbox = &got[d.recipients[0].address.as_str()];
             assert_eq!(
                 referring(inbox, &Kind::Transport, &delivered.message_id).len(),

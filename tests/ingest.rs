@@ -1,70 +1,23 @@
 //! The ingest path against a real store in a temporary directory, with
 //! receipts composed by `pec::compose` and signed at test time by a test CA.
 
+mod ingest_support;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
+use ingest_support::*;
 use jiff::{SignedDuration, Timestamp};
 use pecgate::config::{Config, MailboxConfig};
 use pecgate::ingest::{Context, IngestOutcome, Source, ingest, ingest_batch, sanitize_file_name};
 use pecgate::pec::compose::{
     self, Composed, DeliveryContent, Destinatario, Errore, ReceiptType, Transaction,
 };
-use pecgate::pki::{self, CertKey, Digest, ProviderProfile, SignOptions, Validity};
 use pecgate::store::{self, Db, Field, MessageRow, NewDispatch, NewRecipient};
 use pecgate::verify::{TrustAnchors, Verifier};
 
-const SERVICE: &str = "posta-certificata@pec.example.it";
-const FROM: &str = "protocollo@pec.comune.example.it";
-const A: &str = "alfa@pec.example.it";
-const B: &str = "beta@pec.example.it";
-const X: &str = "info@example.com";
 /// `[gateway] hostname` of the tests' gateway.
 const GATEWAY: &str = "gw.example.it";
-
-struct Keys {
-    ca: CertKey,
-    provider: CertKey,
-    forged: CertKey,
-}
-
-fn keys() -> &'static Keys {
-    static K: OnceLock<Keys> = OnceLock::new();
-    K.get_or_init(|| {
-        let now = Timestamp::now();
-        let v = Validity {
-            not_before: now - SignedDuration::from_hours(24 * 400),
-            not_after: now + SignedDuration::from_hours(24 * 400),
-        };
-        let profile = ProviderProfile {
-            organization: "Esempio PEC S.p.A.".into(),
-            common_name: "Posta Certificata ESEMPIO".into(),
-            email: SERVICE.into(),
-            validity: v,
-            pec_policy: true,
-            key_bits: 2048,
-        };
-        let ca = pki::make_ca("PEC Test CA", "Test", v, 2048).unwrap();
-        let provider = pki::make_provider_cert(&ca, &profile).unwrap();
-        let other = pki::make_ca("PEC Test CA", "Test", v, 2048).unwrap();
-        let forged = pki::make_provider_cert(&other, &profile).unwrap();
-        Keys {
-            ca,
-            provider,
-            forged,
-        }
-    })
-}
-
-fn sign_with(c: &Composed, key: &CertKey, at: Timestamp) -> Vec<u8> {
-    let opts = SignOptions {
-        digest: Digest::Sha256,
-        signing_time: Some(at),
-        x_protocol: true,
-    };
-    pki::sign_detached(&c.outer_headers, &c.entity, key, &[], &opts).unwrap()
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -124,34 +77,7 @@ imap = {{ host = "imaps.pec.example.it", password_env = "PW" }}
     /// A letter as outbound records it: queued, attempt sending, submitted
     /// (or uncertain).
     fn letter(&mut self, recipients: &[(&str, Field)], uncertain: bool) -> Letter {
-        let id = store::new_dispatch_id(self.now.as_millisecond() as u64);
-        let sent_dir = pecgate::sent::folder(&self.mailbox.sent, self.now, &id);
-        pecgate::archive::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
-        let content_hash = pecgate::store::sha256_hex(id.as_bytes());
-        self.db
-            .insert_dispatch(&NewDispatch {
-                id: id.clone(),
-                mailbox: "protocollo".into(),
-                kind: "lettera".into(),
-                protocol: None,
-                reference: None,
-                subject: "Prova".into(),
-                receipt_type: "completa".into(),
-                in_reply_to: None,
-                content_hash,
-                source: "prova.toml".into(),
-                sent_dir: sent_dir.display().to_string(),
-                created_at: self.now,
-                recipients: recipients
-                    .iter()
-                    .map(|(a, f)| NewRecipient {
-                        address: a.to_string(),
-                        field: *f,
-                    })
-                    .collect(),
-                documents: vec![],
-            })
-            .unwrap();
+        let id = self.queued_dispatch(recipients);
         let eml = format!("Message-ID: <{id}.x@gw.example.it>\r\n\r\nciao\r\n");
         let a = pecgate::archive::store(&self.root.join("archive"), eml.as_bytes()).unwrap();
         self.db
@@ -183,22 +109,45 @@ imap = {{ host = "imaps.pec.example.it", password_env = "PW" }}
         Letter {
             id,
             mid,
-            recipients: recipients
-                .iter()
-                .map(|(a, f)| (a.to_string(), *f))
-                .collect(),
+            recipients: owned(recipients),
         }
     }
 
+    /// Records a `queued` dispatch to `recipients`, with its sent folder;
+    /// returns its id.
+    fn queued_dispatch(&mut self, recipients: &[(&str, Field)]) -> String {
+        let id = store::new_dispatch_id(self.now.as_millisecond() as u64);
+        let sent_dir = pecgate::sent::folder(&self.mailbox.sent, self.now, &id);
+        pecgate::archive::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
+        self.db
+            .insert_dispatch(&NewDispatch {
+                id: id.clone(),
+                mailbox: "protocollo".into(),
+                kind: "lettera".into(),
+                protocol: None,
+                reference: None,
+                subject: "Prova".into(),
+                receipt_type: "completa".into(),
+                in_reply_to: None,
+                content_hash: pecgate::store::sha256_hex(id.as_bytes()),
+                source: "prova.toml".into(),
+                sent_dir: sent_dir.display().to_string(),
+                created_at: self.now,
+                recipients: recipients
+                    .iter()
+                    .map(|(a, f)| NewRecipient {
+                        address: a.to_string(),
+                        field: *f,
+                    })
+                    .collect(),
+                documents: vec![],
+            })
+            .unwrap();
+        id
+    }
+
     fn ingest(&mut self, raw: &[u8]) -> IngestOutcome {
-        let archive = self.root.join("archive");
-        let ctx = Context {
-            mailbox: &self.mailbox,
-            archive: &archive,
-            verifier: &self.verifier,
-            gateway_hostname: Some(GATEWAY),
-        };
-        ingest(&mut self.db, &ctx, raw, Source::default(), self.now).unwrap()
+        self.ingest_from(raw, Source::default())
     }
 
     fn state(&self, l: &Letter) -> String {
@@ -227,30 +176,17 @@ imap = {{ host = "imaps.pec.example.it", password_env = "PW" }}
     }
 }
 
+/// `recipients` as a `Letter` keeps them.
+fn owned(recipients: &[(&str, Field)]) -> Vec<(String, Field)> {
+    recipients
+        .iter()
+        .map(|(a, f)| (a.to_string(), *f))
+        .collect()
+}
+
 fn tx_for(l: &Letter, at: Timestamp, external: &[&str]) -> Transaction {
-    Transaction {
-        identificativo: format!("opec.{}@pec.example.it", l.id.to_lowercase()),
-        time: at.in_tz("Europe/Rome").unwrap(),
-        mittente: FROM.into(),
-        destinatari: l
-            .recipients
-            .iter()
-            .map(|(a, _)| Destinatario {
-                address: a.clone(),
-                tipo: if external.contains(&a.as_str()) {
-                    "esterno".into()
-                } else {
-                    "certificato".into()
-                },
-            })
-            .collect(),
-        risposte: FROM.into(),
-        oggetto: "Prova".into(),
-        msgid: Some(l.mid.clone()),
-        gestore: "Esempio PEC".into(),
-        service_address: SERVICE.into(),
-        ricevuta: ReceiptType::Completa,
-    }
+    let recipients = l.recipients.iter().map(|(a, _)| a.as_str());
+    transaction(&l.id, &l.mid, recipients, external, at)
 }
 
 fn signed(c: &Composed, tx: &Transaction) -> Vec<u8> {
@@ -278,10 +214,6 @@ fn applied(o: &IngestOutcome) {
 
 fn quarantined(o: &IngestOutcome) {
     assert!(matches!(o, IngestOutcome::Quarantined { .. }), "{o:?}");
-}
-
-fn hours(h: i64) -> SignedDuration {
-    SignedDuration::from_hours(h)
 }
 
 #[test]
@@ -613,12 +545,7 @@ fn incoming_mail_is_unpacked_with_safe_names() {
 fn anomaly_envelopes_are_marked_not_certified() {
     let mut env = Env::new();
     let wrapped = b"From: someone@example.com\r\nTo: protocollo@pec.comune.example.it\r\nSubject: ciao\r\nMessage-ID: <a.1@example.com>\r\n\r\nhello\r\n";
-    let time = env.now.in_tz("Europe/Rome").unwrap();
-    let c = compose::anomaly_envelope(wrapped, SERVICE, &time, "non certificato");
-    let raw = sign_with(&c, &keys().provider, env.now);
-    let IngestOutcome::Anomaly { folder } = env.ingest(&raw) else {
-        panic!("not an anomaly")
-    };
+    let (raw, folder) = env.anomaly(wrapped);
     let name = folder.file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.starts_with("anomalia-"), "{name}");
     assert!(folder.join("NON-CERTIFICATO.txt").exists());
@@ -666,6 +593,19 @@ impl Env {
         ingest_batch(&mut self.db, &ctx, items, self.now).map_err(|e| e.to_string())
     }
 
+    /// Takes in `wrapped` inside an anomaly envelope signed by the
+    /// provider: it must be filed as an anomaly; returns the envelope and
+    /// its folder.
+    fn anomaly(&mut self, wrapped: &[u8]) -> (Vec<u8>, PathBuf) {
+        let time = self.now.in_tz("Europe/Rome").unwrap();
+        let c = compose::anomaly_envelope(wrapped, SERVICE, &time, "non certificato");
+        let raw = sign_with(&c, &keys().provider, self.now);
+        let IngestOutcome::Anomaly { folder } = self.ingest(&raw) else {
+            panic!("not an anomaly")
+        };
+        (raw, folder)
+    }
+
     fn ingest_from(&mut self, raw: &[u8], source: Source) -> IngestOutcome {
         let (archive, mailbox) = self.ctx();
         let ctx = Context {
@@ -680,40 +620,11 @@ impl Env {
     /// A letter as a restore from backup leaves it: `queued`, no attempt;
     /// the attempt `n` the store lost had this Message-ID (pecgate's shape).
     fn restored_letter(&mut self, recipients: &[(&str, Field)], n: u32, host: &str) -> Letter {
-        let id = store::new_dispatch_id(self.now.as_millisecond() as u64);
-        let sent_dir = pecgate::sent::folder(&self.mailbox.sent, self.now, &id);
-        pecgate::archive::create_folder(&self.mailbox.sent, &sent_dir).unwrap();
-        self.db
-            .insert_dispatch(&NewDispatch {
-                id: id.clone(),
-                mailbox: "protocollo".into(),
-                kind: "lettera".into(),
-                protocol: None,
-                reference: None,
-                subject: "Prova".into(),
-                receipt_type: "completa".into(),
-                in_reply_to: None,
-                content_hash: pecgate::store::sha256_hex(id.as_bytes()),
-                source: "prova.toml".into(),
-                sent_dir: sent_dir.display().to_string(),
-                created_at: self.now,
-                recipients: recipients
-                    .iter()
-                    .map(|(a, f)| NewRecipient {
-                        address: a.to_string(),
-                        field: *f,
-                    })
-                    .collect(),
-                documents: vec![],
-            })
-            .unwrap();
+        let id = self.queued_dispatch(recipients);
         Letter {
             mid: format!("{id}.{n}.0a1b2c3d4e5f@{host}"),
             id,
-            recipients: recipients
-                .iter()
-                .map(|(a, f)| (a.to_string(), *f))
-                .collect(),
+            recipients: owned(recipients),
         }
     }
 
@@ -821,12 +732,7 @@ fn lost_attempts_are_recovered_only_from_valid_receipts_of_our_gateway() {
 fn anomaly_notice_names_the_real_sender() {
     let mut env = Env::new();
     let wrapped = b"From: Anna Neri <anna.neri@posta.sandbox.test>\r\nTo: protocollo@pec.comune.example.it\r\nSubject: Messaggio da casella ordinaria\r\nMessage-ID: <a.2@posta.sandbox.test>\r\n\r\nbuongiorno\r\n";
-    let time = env.now.in_tz("Europe/Rome").unwrap();
-    let c = compose::anomaly_envelope(wrapped, SERVICE, &time, "non certificato");
-    let raw = sign_with(&c, &keys().provider, env.now);
-    let IngestOutcome::Anomaly { folder } = env.ingest(&raw) else {
-        panic!("not an anomaly")
-    };
+    let (raw, folder) = env.anomaly(wrapped);
     let notice = std::fs::read_to_string(folder.join("NON-CERTIFICATO.txt")).unwrap();
     assert!(
         notice.contains("Da / From: Anna Neri <anna.neri@posta.sandbox.test>\n"),

@@ -214,15 +214,16 @@ async fn status_json(d: &Value, state: &str) -> Value {
     .await
 }
 
-/// The `detail` of one recipient in `status.json`.
-fn status_detail<'a>(status: &'a Value, address: &str) -> &'a Value {
-    status["recipients"]
+/// The `detail` of one recipient in `status.json` (a string).
+fn status_detail(status: &Value, address: &str) -> String {
+    let detail = status["recipients"]
         .as_array()
         .expect("status.json recipients")
         .iter()
         .find(|r| r["address"] == address)
         .map(|r| &r["detail"])
-        .unwrap_or_else(|| panic!("status.json without {address}: {status}"))
+        .unwrap_or_else(|| panic!("status.json without {address}: {status}"));
+    s(detail).to_owned()
 }
 
 /// `pecgate show KEY --json`: (exit code, one object per letter, stderr).
@@ -243,8 +244,21 @@ async fn timeline(gw: &Gateway, key: &str) -> Value {
     letters.remove(0)
 }
 
-/// The receipts of a timeline as (kind, recipient, verdict, disposition).
-fn receipts_of(t: &Value) -> Vec<(String, Option<String>, String, String)> {
+/// A receipt of a timeline: (kind, recipient, verdict, disposition).
+type Receipt = (String, Option<String>, String, String);
+
+/// A [`Receipt`] from borrowed parts.
+fn receipt(kind: &str, recipient: Option<&str>, verdict: &str, disposition: &str) -> Receipt {
+    (
+        kind.to_owned(),
+        recipient.map(str::to_owned),
+        verdict.to_owned(),
+        disposition.to_owned(),
+    )
+}
+
+/// The receipts of a timeline.
+fn receipts_of(t: &Value) -> Vec<Receipt> {
     t["receipts"]
         .as_array()
         .expect("receipts")
@@ -276,6 +290,11 @@ fn events_of(gw: &Gateway, event: &str, id: &str) -> Vec<Value> {
         .into_iter()
         .filter(|l| l["dispatch_id"] == id)
         .collect()
+}
+
+/// Asserts that the log has no line of `event` (showing the log if it has).
+fn assert_no_event(gw: &Gateway, event: &str) {
+    assert!(gw.events(event).is_empty(), "{event}: {}", gw.log_text());
 }
 
 /// Every log line at ERROR level.
@@ -518,18 +537,8 @@ mailbox_full = true
         assert_eq!(
             receipts_of(&t),
             vec![
-                (
-                    "accettazione".into(),
-                    None,
-                    "valid".into(),
-                    "applied".into()
-                ),
-                (
-                    "avvenuta-consegna".into(),
-                    Some(MARIO.to_owned()),
-                    "valid".into(),
-                    "applied".into()
-                ),
+                receipt("accettazione", None, "valid", "applied"),
+                receipt("avvenuta-consegna", Some(MARIO), "valid", "applied"),
             ]
         );
         let evs = event_names(&t);
@@ -584,12 +593,7 @@ mailbox_full = true
         );
         assert_eq!(
             receipts_of(&t),
-            vec![(
-                "non-accettazione".into(),
-                None,
-                "valid".into(),
-                "applied".into()
-            )]
+            vec![receipt("non-accettazione", None, "valid", "applied")]
         );
         let lines = events_of(&gw, "receipt.not_accepted", &nid);
         assert_eq!(lines.len(), 1);
@@ -612,10 +616,7 @@ mailbox_full = true
         )
         .await;
         let st = status_json(&d, "failed").await;
-        let detail = status_detail(&st, NOBODY)
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let detail = status_detail(&st, NOBODY);
         assert!(
             detail.contains("no-dest") && detail.contains("5.1.1"),
             "detail: {detail}"
@@ -644,10 +645,7 @@ mailbox_full = true
         let ev = filed(&env, &d, &file("errore-consegna", Some(virus_addr)));
         assert_eq!(ev.d().errore, "virus");
         let st = status_json(&d, "failed").await;
-        let detail = status_detail(&st, virus_addr)
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let detail = status_detail(&st, virus_addr);
         assert!(detail.contains("virus"), "detail names the virus: {detail}");
 
         // Mailbox full → failed with 5.2.2.
@@ -661,26 +659,15 @@ mailbox_full = true
         )
         .await;
         let st = status_json(&d, "failed").await;
-        let detail = status_detail(&st, LUCA)
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let detail = status_detail(&st, LUCA);
         assert!(detail.contains("5.2.2"), "detail: {detail}");
         let txt = fs::read_to_string(PathBuf::from(s(&d["sent_dir"])).join("status.txt"))
             .expect("status.txt");
         assert!(txt.contains("5.2.2") && txt.contains("(failed)"), "{txt}");
 
         // Nothing was quarantined or left unmatched.
-        assert!(
-            gw.events("receipt.quarantined").is_empty(),
-            "{}",
-            gw.log_text()
-        );
-        assert!(
-            gw.events("receipt.unmatched").is_empty(),
-            "{}",
-            gw.log_text()
-        );
+        assert_no_event(&gw, "receipt.quarantined");
+        assert_no_event(&gw, "receipt.unmatched");
 
         // 5. `pecgate show` by every key.
         let by_id = timeline(&gw, &id).await;
@@ -774,7 +761,7 @@ async fn timeout_notices_warn_then_time_out_and_a_late_delivery_wins() {
             },
         )
         .await;
-        let detail = s(status_detail(&st, lento)).to_owned();
+        let detail = status_detail(&st, lento);
         assert!(
             detail.contains("4.4.7"),
             "the warning's errore-esteso: {detail}"
@@ -810,7 +797,7 @@ async fn timeout_notices_warn_then_time_out_and_a_late_delivery_wins() {
         .await;
         assert_eq!(names.len(), 4, "both notices filed: {names:?}");
         let st = status_json(&d, "partially-delivered").await;
-        let detail = s(status_detail(&st, lento)).to_owned();
+        let detail = status_detail(&st, lento);
         assert!(
             detail.contains("5.4.1"),
             "the final notice's errore-esteso: {detail}"
@@ -851,18 +838,14 @@ async fn timeout_notices_warn_then_time_out_and_a_late_delivery_wins() {
             "conflict in the timeline: {:?}",
             event_names(&t)
         );
-        let kinds: Vec<(String, Option<String>, String, String)> = receipts_of(&t);
+        let kinds: Vec<Receipt> = receipts_of(&t);
         assert_eq!(kinds.len(), 5, "{kinds:?}");
         assert!(
             kinds.iter().all(|k| k.2 == "valid" && k.3 == "applied"),
             "{kinds:?}"
         );
         status_json(&d, "delivered").await;
-        assert!(
-            gw.events("receipt.quarantined").is_empty(),
-            "{}",
-            gw.log_text()
-        );
+        assert_no_event(&gw, "receipt.quarantined");
 
         gw.stop_cleanly().await;
         env.shutdown().await;
@@ -1110,20 +1093,12 @@ duplicate_receipts = true
             let t = timeline(&gw, &id).await;
             let mut got = receipts_of(&t);
             got.sort();
-            let mut expect: Vec<(String, Option<String>, String, String)> = vec![(
-                "accettazione".into(),
-                None,
-                "valid".into(),
-                "applied".into(),
-            )];
-            expect.extend(recipients.iter().map(|(a, _)| {
-                (
-                    "avvenuta-consegna".into(),
-                    Some((*a).to_owned()),
-                    "valid".into(),
-                    "applied".into(),
-                )
-            }));
+            let mut expect: Vec<Receipt> = vec![receipt("accettazione", None, "valid", "applied")];
+            expect.extend(
+                recipients
+                    .iter()
+                    .map(|(a, _)| receipt("avvenuta-consegna", Some(*a), "valid", "applied")),
+            );
             expect.sort();
             assert_eq!(got, expect, "{subject}: receipts recorded once");
             assert_eq!(
@@ -1176,7 +1151,7 @@ duplicate_receipts = true
             "no error: {:?}",
             error_lines(&gw)
         );
-        assert!(gw.events("receipt.quarantined").is_empty());
+        assert_no_event(&gw, "receipt.quarantined");
         gw.stop_cleanly().await;
         env.shutdown().await;
     })
@@ -1307,24 +1282,9 @@ async fn forged_and_tampered_receipts_change_nothing_and_are_quarantined() {
         assert_eq!(
             got,
             vec![
-                (
-                    "accettazione".into(),
-                    None,
-                    "valid".into(),
-                    "applied".into()
-                ),
-                (
-                    "avvenuta-consegna".into(),
-                    Some(MARIO.to_owned()),
-                    "invalid".into(),
-                    "quarantined".into()
-                ),
-                (
-                    "avvenuta-consegna".into(),
-                    Some(MARIO.to_owned()),
-                    "invalid".into(),
-                    "quarantined".into()
-                ),
+                receipt("accettazione", None, "valid", "applied"),
+                receipt("avvenuta-consegna", Some(MARIO), "invalid", "quarantined"),
+                receipt("avvenuta-consegna", Some(MARIO), "invalid", "quarantined"),
             ],
             "both fakes recorded as quarantined"
         );

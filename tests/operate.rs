@@ -3,64 +3,25 @@
 //! receipts taken in through the real ingest path (composed by `pec::compose`, signed
 //! at test time by a test CA, verified with openssl).
 
+mod ingest_support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use ingest_support::*;
 use jiff::{SignedDuration, Timestamp};
 use pecgate::config::{Config, MailboxConfig};
 use pecgate::ingest::{Context, IngestOutcome, Source, ingest};
-use pecgate::pec::compose::{
-    self, Composed, DeliveryContent, Destinatario, Errore, ReceiptType, Transaction,
-};
-use pecgate::pki::{self, CertKey, Digest, ProviderProfile, SignOptions, Validity};
+use pecgate::pec::compose::{self, DeliveryContent, Errore, Transaction};
 use pecgate::store::{self, Db, Field, MessageRow, NewDispatch, NewRecipient};
 use pecgate::verify::{TrustAnchors, Verifier};
 use serde_json::Value;
 
-const SERVICE: &str = "posta-certificata@pec.example.it";
-const FROM: &str = "protocollo@pec.comune.example.it";
-const A: &str = "alfa@pec.example.it";
-const B: &str = "beta@pec.example.it";
 const C: &str = "gamma@pec.example.it";
-const X: &str = "info@example.com";
-
-struct Keys {
-    ca: CertKey,
-    provider: CertKey,
-    forged: CertKey,
-}
-
-fn keys() -> &'static Keys {
-    static K: OnceLock<Keys> = OnceLock::new();
-    K.get_or_init(|| {
-        let now = Timestamp::now();
-        let v = Validity {
-            not_before: now - SignedDuration::from_hours(24 * 400),
-            not_after: now + SignedDuration::from_hours(24 * 400),
-        };
-        let profile = ProviderProfile {
-            organization: "Esempio PEC S.p.A.".into(),
-            common_name: "Posta Certificata ESEMPIO".into(),
-            email: SERVICE.into(),
-            validity: v,
-            pec_policy: true,
-            key_bits: 2048,
-        };
-        let ca = pki::make_ca("PEC Test CA", "Test", v, 2048).unwrap();
-        let provider = pki::make_provider_cert(&ca, &profile).unwrap();
-        let other = pki::make_ca("PEC Test CA", "Test", v, 2048).unwrap();
-        let forged = pki::make_provider_cert(&other, &profile).unwrap();
-        Keys {
-            ca,
-            provider,
-            forged,
-        }
-    })
-}
 
 /// How a test letter's first SMTP attempt ended.
 #[derive(Clone, Copy)]
@@ -282,43 +243,17 @@ fn record_letter(
 }
 
 fn tx_for(l: &Letter, at: Timestamp) -> Transaction {
-    Transaction {
-        identificativo: format!("opec.{}@pec.example.it", l.id.to_lowercase()),
-        time: at.in_tz("Europe/Rome").unwrap(),
-        mittente: FROM.into(),
-        destinatari: l
-            .recipients
-            .iter()
-            .map(|a| Destinatario {
-                address: a.clone(),
-                tipo: if a == X { "esterno" } else { "certificato" }.into(),
-            })
-            .collect(),
-        risposte: FROM.into(),
-        oggetto: "Prova".into(),
-        msgid: Some(l.mid.clone()),
-        gestore: "Esempio PEC".into(),
-        service_address: SERVICE.into(),
-        ricevuta: ReceiptType::Completa,
-    }
-}
-
-fn sign(c: &Composed, key: &CertKey, at: Timestamp) -> Vec<u8> {
-    let opts = SignOptions {
-        digest: Digest::Sha256,
-        signing_time: Some(at),
-        x_protocol: true,
-    };
-    pki::sign_detached(&c.outer_headers, &c.entity, key, &[], &opts).unwrap()
+    let recipients = l.recipients.iter().map(String::as_str);
+    transaction(&l.id, &l.mid, recipients, &[X], at)
 }
 
 fn acceptance(l: &Letter, at: Timestamp) -> Vec<u8> {
-    sign(&compose::acceptance(&tx_for(l, at)), &keys().provider, at)
+    sign_with(&compose::acceptance(&tx_for(l, at)), &keys().provider, at)
 }
 
 fn delivery(l: &Letter, at: Timestamp, to: &str) -> Vec<u8> {
     let c = compose::delivery(&tx_for(l, at), to, DeliveryContent::Sintetica);
-    sign(&c, &keys().provider, at)
+    sign_with(&c, &keys().provider, at)
 }
 
 fn failure(l: &Letter, at: Timestamp, to: &str) -> Vec<u8> {
@@ -328,20 +263,16 @@ fn failure(l: &Letter, at: Timestamp, to: &str) -> Vec<u8> {
         Errore::NoDest,
         "5.1.1 - indirizzo non valido",
     );
-    sign(&c, &keys().provider, at)
+    sign_with(&c, &keys().provider, at)
 }
 
 fn timeout(l: &Letter, at: Timestamp, to: &str) -> Vec<u8> {
     let c = compose::timeout_notice(&tx_for(l, at), to, "5.4.1 - tempo scaduto");
-    sign(&c, &keys().provider, at)
+    sign_with(&c, &keys().provider, at)
 }
 
 fn mins(m: i64) -> SignedDuration {
     SignedDuration::from_mins(m)
-}
-
-fn hours(h: i64) -> SignedDuration {
-    SignedDuration::from_hours(h)
 }
 
 fn json(text: &str) -> Value {
@@ -366,7 +297,7 @@ fn status_counts_match_list_and_flag_what_needs_an_operator() {
     env.applied(&failure(&failed, now - hours(4) + mins(1), B));
     // A forged receipt (another CA) is quarantined; a receipt for a letter pecgate
     // never sent is an orphan.
-    let forged = sign(
+    let forged = sign_with(
         &compose::delivery(
             &tx_for(&failed, now - hours(1)),
             B,

@@ -820,10 +820,7 @@ async fn every_rejection_reason_is_explained_and_the_files_are_kept() {
 async fn killed_at_random_moments_no_letter_is_sent_twice_or_lost() {
     within(300, async {
         const LETTERS: usize = 200;
-        let seed = std::env::var("PECGATE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5EED_2026_u64);
+        let seed = test_seed();
         let mut rng = Rng::new(seed);
         let citizens = [ANAGRAFE, MARIO, GIULIA, LUCA];
         let recipient = |n: usize| citizens[n % citizens.len()];
@@ -833,22 +830,7 @@ async fn killed_at_random_moments_no_letter_is_sent_twice_or_lost() {
         let outbox = gw.outbox();
 
         // 200 letters at once.
-        let envelopes: Vec<(String, String)> = (1..=LETTERS)
-            .map(|n| {
-                (
-                    format!("lettera-{n}.toml"),
-                    format!(
-                        "to = [\"{}\"]\nsubject = \"Lettera {n}\"\nbody = \"Testo della lettera numero {n}.\"\nkind = \"avviso\"\n",
-                        recipient(n)
-                    ),
-                )
-            })
-            .collect();
-        let files: Vec<(&str, &[u8])> = envelopes
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.as_bytes()))
-            .collect();
-        drop_files(&outbox, &files);
+        drop_numbered_letters(&outbox, LETTERS, recipient);
 
         // Killed (SIGKILL) at random moments, restarted each time.
         let kills = rng.range(3, 5);
@@ -890,12 +872,7 @@ async fn killed_at_random_moments_no_letter_is_sent_twice_or_lost() {
 
         // The store: every letter exactly once, with its one recipient.
         let db = gw.db();
-        let mut dispatches = Vec::new();
-        db.list(None, None, |d| {
-            dispatches.push(d);
-            std::ops::ControlFlow::Continue(())
-        })
-        .expect("list");
+        let dispatches = all_dispatches(&db);
         assert_eq!(dispatches.len(), LETTERS, "one dispatch per letter");
         let mut by_letter: HashMap<usize, &pecgate::store::DispatchDetail> = HashMap::new();
         for d in &dispatches {
@@ -1030,14 +1007,10 @@ async fn killed_at_random_moments_no_letter_is_sent_twice_or_lost() {
 
 /// The dispatch with this subject, from the store.
 fn detail_by_subject(db: &pecgate::store::Db, subject: &str) -> pecgate::store::DispatchDetail {
-    let mut found = Vec::new();
-    db.list(None, None, |d| {
-        if d.dispatch.subject == subject {
-            found.push(d);
-        }
-        std::ops::ControlFlow::Continue(())
-    })
-    .expect("list");
+    let mut found: Vec<_> = all_dispatches(db)
+        .into_iter()
+        .filter(|d| d.dispatch.subject == subject)
+        .collect();
     assert_eq!(found.len(), 1, "dispatches with subject {subject:?}");
     found.remove(0)
 }

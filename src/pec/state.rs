@@ -1020,13 +1020,9 @@ impl Step {
 
     // -- SMTP -------------------------------------------------------------
 
-    fn attempt_started(&mut self, message_id: &str, now: Timestamp) -> Result<(), Rejected> {
-        if self.d.state != DispatchState::Queued {
-            return Err(Rejected::WrongState {
-                cause: self.cause,
-                state: self.d.state,
-            });
-        }
+    /// A new attempt's Message-ID: not empty, and not one of an earlier
+    /// attempt of the letter.
+    fn check_new_message_id(&self, message_id: &str) -> Result<(), Rejected> {
         if normalize_message_id(message_id).is_none() {
             return Err(Rejected::EmptyMessageId);
         }
@@ -1038,6 +1034,17 @@ impl Step {
         {
             return Err(Rejected::MessageIdReused(message_id.to_owned()));
         }
+        Ok(())
+    }
+
+    fn attempt_started(&mut self, message_id: &str, now: Timestamp) -> Result<(), Rejected> {
+        if self.d.state != DispatchState::Queued {
+            return Err(Rejected::WrongState {
+                cause: self.cause,
+                state: self.d.state,
+            });
+        }
+        self.check_new_message_id(message_id)?;
         self.d.attempts.push(Attempt {
             message_id: message_id.to_owned(),
             state: AttemptState::Sending,
@@ -1124,17 +1131,7 @@ impl Step {
 
     /// [`Event::AttemptRecovered`]: a lost attempt, proven by a receipt.
     fn attempt_recovered(&mut self, message_id: &str, now: Timestamp) -> Result<(), Rejected> {
-        if normalize_message_id(message_id).is_none() {
-            return Err(Rejected::EmptyMessageId);
-        }
-        if self
-            .d
-            .attempts
-            .iter()
-            .any(|a| same_message_id(&a.message_id, message_id))
-        {
-            return Err(Rejected::MessageIdReused(message_id.to_owned()));
-        }
+        self.check_new_message_id(message_id)?;
         let attempt = Attempt {
             message_id: message_id.to_owned(),
             state: AttemptState::Submitted,

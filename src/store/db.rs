@@ -776,9 +776,51 @@ pub(crate) fn dispatch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Dispa
     })
 }
 
+/// A `recipients` row from the columns `dispatch_id, address, field, certified,
+/// state, detail, conflict, updated_at` (in that order, first).
+pub(super) fn recipient_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecipientRow> {
+    let field: String = r.get(2)?;
+    Ok(RecipientRow {
+        dispatch_id: r.get(0)?,
+        address: r.get(1)?,
+        field: field.parse().map_err(|e: StoreError| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        certified: r.get::<_, Option<i64>>(3)?.map(|c| c != 0),
+        state: r.get(4)?,
+        detail: r.get(5)?,
+        conflict: r.get(6)?,
+        updated_at: time::col(r, 7)?,
+    })
+}
+
+/// An `attempts` row from the columns `dispatch_id, n, message_id, state,
+/// eml_sha256, started_at, finished_at, smtp_reply` (in that order, first).
+pub(super) fn attempt_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptRow> {
+    Ok(AttemptRow {
+        dispatch_id: r.get(0)?,
+        n: r.get(1)?,
+        message_id: r.get(2)?,
+        state: r.get(3)?,
+        eml_sha256: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+        started_at: time::col(r, 5)?,
+        finished_at: time::col_opt(r, 6)?,
+        smtp_reply: r.get(7)?,
+    })
+}
+
+/// A `documents` row from the columns `name, sha256, size` (in that order, first).
+pub(super) fn document_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocumentRow> {
+    Ok(DocumentRow {
+        name: r.get(0)?,
+        sha256: r.get(1)?,
+        size: u64_col(r, 2)?,
+    })
+}
+
 const EVENT_COLS: &str = "seq, at, mailbox, dispatch_id, event, cause, detail, prev_hash, hash";
 
-fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         seq: r.get(0)?,
         at: time::col(r, 1)?,
@@ -863,26 +905,8 @@ fn load_detail(conn: &Connection, path: &str, d: DispatchRow) -> Result<Dispatch
              FROM recipients WHERE dispatch_id = ?1 ORDER BY position",
         )
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                let field: String = r.get(2)?;
-                Ok(RecipientRow {
-                    dispatch_id: r.get(0)?,
-                    address: r.get(1)?,
-                    field: field.parse().map_err(|e: StoreError| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            2,
-                            rusqlite::types::Type::Text,
-                            Box::new(e),
-                        )
-                    })?,
-                    certified: r.get::<_, Option<i64>>(3)?.map(|c| c != 0),
-                    state: r.get(4)?,
-                    detail: r.get(5)?,
-                    conflict: r.get(6)?,
-                    updated_at: time::col(r, 7)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], recipient_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     let attempts = conn
@@ -891,19 +915,8 @@ fn load_detail(conn: &Connection, path: &str, d: DispatchRow) -> Result<Dispatch
              smtp_reply FROM attempts WHERE dispatch_id = ?1 ORDER BY n",
         )
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                Ok(AttemptRow {
-                    dispatch_id: r.get(0)?,
-                    n: r.get(1)?,
-                    message_id: r.get(2)?,
-                    state: r.get(3)?,
-                    eml_sha256: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                    started_at: time::col(r, 5)?,
-                    finished_at: time::col_opt(r, 6)?,
-                    smtp_reply: r.get(7)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], attempt_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     let documents = conn
@@ -911,14 +924,8 @@ fn load_detail(conn: &Connection, path: &str, d: DispatchRow) -> Result<Dispatch
             "SELECT name, sha256, size FROM documents WHERE dispatch_id = ?1 ORDER BY position",
         )
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                Ok(DocumentRow {
-                    name: r.get(0)?,
-                    sha256: r.get(1)?,
-                    size: u64_col(r, 2)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], document_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     Ok(DispatchDetail {

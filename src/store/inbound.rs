@@ -4,7 +4,7 @@
 use rusqlite::params;
 use serde_json::json;
 
-use super::db::Db;
+use super::db::{self, Db};
 use super::error::sql;
 use super::{MailboxState, NewEvent, Result, time};
 use jiff::Timestamp;
@@ -268,7 +268,7 @@ impl super::Tx<'_> {
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{AttemptRow, DispatchDetail, DocumentRow, EventRow, RecipientRow, StoreError};
+use super::{AttemptRow, DispatchDetail, DocumentRow, EventRow, RecipientRow};
 
 /// The dispatch whose attempt has this (normalised) Message-ID.
 pub(crate) fn dispatch_of_message_id(
@@ -310,29 +310,8 @@ pub(crate) fn detail(conn: &Connection, path: &str, id: &str) -> Result<Option<D
              position FROM recipients WHERE dispatch_id = ?1",
         )
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                let field: String = r.get(2)?;
-                Ok((
-                    r.get(8)?,
-                    RecipientRow {
-                        dispatch_id: r.get(0)?,
-                        address: r.get(1)?,
-                        field: field.parse().map_err(|e: StoreError| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                2,
-                                rusqlite::types::Type::Text,
-                                Box::new(e),
-                            )
-                        })?,
-                        certified: r.get::<_, Option<i64>>(3)?.map(|c| c != 0),
-                        state: r.get(4)?,
-                        detail: r.get(5)?,
-                        conflict: r.get(6)?,
-                        updated_at: time::col(r, 7)?,
-                    },
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], |r| Ok((r.get(8)?, db::recipient_from_row(r)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     recipients.sort_by_key(|(position, _)| *position);
@@ -342,38 +321,16 @@ pub(crate) fn detail(conn: &Connection, path: &str, id: &str) -> Result<Option<D
              smtp_reply FROM attempts WHERE dispatch_id = ?1",
         )
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                Ok(AttemptRow {
-                    dispatch_id: r.get(0)?,
-                    n: r.get(1)?,
-                    message_id: r.get(2)?,
-                    state: r.get(3)?,
-                    eml_sha256: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                    started_at: time::col(r, 5)?,
-                    finished_at: time::col_opt(r, 6)?,
-                    smtp_reply: r.get(7)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], db::attempt_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     attempts.sort_by_key(|a| a.n);
     let mut documents: Vec<(i64, DocumentRow)> = conn
         .prepare_cached("SELECT name, sha256, size, position FROM documents WHERE dispatch_id = ?1")
         .and_then(|mut s| {
-            s.query_map([&d.id], |r| {
-                let size: i64 = r.get(2)?;
-                Ok((
-                    r.get(3)?,
-                    DocumentRow {
-                        name: r.get(0)?,
-                        sha256: r.get(1)?,
-                        size: u64::try_from(size)
-                            .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(2, size))?,
-                    },
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([&d.id], |r| Ok((r.get(3)?, db::document_from_row(r)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, OP))?;
     documents.sort_by_key(|(position, _)| *position);
@@ -393,20 +350,8 @@ pub(crate) fn events(conn: &Connection, path: &str, dispatch_id: &str) -> Result
              FROM events WHERE dispatch_id = ?1",
         )
         .and_then(|mut s| {
-            s.query_map([dispatch_id], |r| {
-                Ok(EventRow {
-                    seq: r.get(0)?,
-                    at: time::col(r, 1)?,
-                    mailbox: r.get(2)?,
-                    dispatch_id: r.get(3)?,
-                    event: r.get(4)?,
-                    cause: r.get(5)?,
-                    detail: r.get(6)?,
-                    prev_hash: r.get(7)?,
-                    hash: r.get(8)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            s.query_map([dispatch_id], db::event_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql(path, "events_for (ingest)"))?;
     rows.sort_by_key(|e| e.seq);

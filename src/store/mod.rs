@@ -225,6 +225,24 @@ pub struct NewRecipient {
     pub field: Field,
 }
 
+impl NewRecipient {
+    /// The recipients of a letter: the `to` addresses, then the `cc` ones,
+    /// in their order.
+    #[must_use]
+    pub fn to_and_cc(to: &[String], cc: &[String]) -> Vec<NewRecipient> {
+        let field = |f: Field| {
+            move |a: &String| NewRecipient {
+                address: a.clone(),
+                field: f,
+            }
+        };
+        to.iter()
+            .map(field(Field::To))
+            .chain(cc.iter().map(field(Field::Cc)))
+            .collect()
+    }
+}
+
 /// One document of a [`NewDispatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDocument {

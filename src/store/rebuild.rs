@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use super::db::Db;
 use super::error::{StoreError, sql};
-use super::tx::Tx;
+use super::tx::{Tx, check_sha256};
 use super::{ATTEMPT_STATES, NewDispatch, NewEvent, Result, check_name, time};
-use crate::pec::ids::{canonical_address, normalize_message_id};
+use crate::pec::ids::normalize_message_id;
 
 /// One attempt as `dispatch.json` recorded it, to restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,125 +48,7 @@ impl Tx<'_> {
     ///
     /// As [`Tx::insert_dispatch`].
     pub fn restore_dispatch(&self, d: &NewDispatch, restored_from: &str) -> Result<()> {
-        const OP: &str = "restore_dispatch";
-        if super::canonical_dispatch_id(&d.id).as_deref() != Some(d.id.as_str()) {
-            return Err(StoreError::Invalid(format!(
-                "dispatch id {:?} is not a ULID",
-                d.id
-            )));
-        }
-        check_sha256("content hash", &d.content_hash)?;
-        if d.recipients.is_empty() {
-            return Err(StoreError::Invalid(format!(
-                "dispatch {}: no recipient",
-                d.id
-            )));
-        }
-        let mut addresses: Vec<String> = Vec::with_capacity(d.recipients.len());
-        for r in &d.recipients {
-            let a = canonical_address(&r.address);
-            if a.is_empty() || addresses.contains(&a) {
-                return Err(StoreError::Invalid(format!(
-                    "dispatch {}: recipient {a:?} empty or listed twice",
-                    d.id
-                )));
-            }
-            addresses.push(a);
-        }
-        for (i, doc) in d.documents.iter().enumerate() {
-            check_sha256("document hash", &doc.sha256)?;
-            if d.documents[..i].iter().any(|o| o.name == doc.name) {
-                return Err(StoreError::Invalid(format!(
-                    "dispatch {}: document {:?} listed twice",
-                    d.id, doc.name
-                )));
-            }
-        }
-        let at = time::fmt(d.created_at);
-        self.tx
-            .prepare_cached(
-                "INSERT INTO dispatches (id, mailbox, kind, protocol, reference, subject, \
-                 receipt_type, in_reply_to, state, content_hash, source, sent_dir, created_at, \
-                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10, ?11, \
-                 ?12, ?12)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    d.id,
-                    d.mailbox,
-                    d.kind,
-                    d.protocol,
-                    d.reference,
-                    d.subject,
-                    d.receipt_type,
-                    d.in_reply_to,
-                    d.content_hash,
-                    d.source,
-                    d.sent_dir,
-                    at
-                ])
-            })
-            .map_err(sql(self.path, OP))?;
-        {
-            let mut stmt = self
-                .tx
-                .prepare_cached(
-                    "INSERT INTO recipients (dispatch_id, address, position, field, state, \
-                     updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-                )
-                .map_err(sql(self.path, OP))?;
-            for (i, (r, a)) in d.recipients.iter().zip(&addresses).enumerate() {
-                stmt.execute(params![d.id, a, i as i64, r.field.as_str(), at])
-                    .map_err(sql(self.path, OP))?;
-            }
-            let mut stmt = self
-                .tx
-                .prepare_cached(
-                    "INSERT INTO documents (dispatch_id, position, name, sha256, size) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(sql(self.path, OP))?;
-            for (i, doc) in d.documents.iter().enumerate() {
-                let size = i64::try_from(doc.size)
-                    .map_err(|_| StoreError::Invalid(format!("size {} too large", doc.size)))?;
-                stmt.execute(params![d.id, i as i64, doc.name, doc.sha256, size])
-                    .map_err(sql(self.path, OP))?;
-            }
-        }
-        let recipients: Vec<Value> = d
-            .recipients
-            .iter()
-            .zip(&addresses)
-            .map(|(r, a)| json!({"address": a, "field": r.field.as_str()}))
-            .collect();
-        let documents: Vec<Value> = d
-            .documents
-            .iter()
-            .map(|doc| json!({"name": doc.name, "sha256": doc.sha256, "size": doc.size}))
-            .collect();
-        self.append_event(&NewEvent {
-            at: d.created_at,
-            mailbox: Some(d.mailbox.clone()),
-            dispatch_id: Some(d.id.clone()),
-            event: "dispatch.queued".into(),
-            cause: "reindex".into(),
-            detail: json!({
-                "to": "queued",
-                "restored_from": restored_from,
-                "source": d.source,
-                "content_hash": d.content_hash,
-                "kind": d.kind,
-                "protocol": d.protocol,
-                "reference": d.reference,
-                "subject": d.subject,
-                "receipt_type": d.receipt_type,
-                "in_reply_to": d.in_reply_to,
-                "sent_dir": d.sent_dir,
-                "recipients": recipients,
-                "documents": documents,
-            }),
-        })?;
-        Ok(())
+        self.queue_dispatch(d, "restore_dispatch", "reindex", Some(restored_from))
     }
 
     /// Restores one attempt row of a restored dispatch with its recorded
@@ -343,18 +225,5 @@ impl Db {
             .and_then(Iterator::collect)
             .map_err(sql(&self.path, OP))?;
         Ok(rows)
-    }
-}
-
-fn check_sha256(what: &str, s: &str) -> Result<()> {
-    if s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
-            "{what} {s:?} is not a lowercase hex SHA-256"
-        )))
     }
 }

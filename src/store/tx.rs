@@ -138,7 +138,20 @@ impl<'a> Tx<'a> {
     /// SHA-256 hex, there is no recipient, or an address or document name repeats;
     /// [`StoreError::Sqlite`] when the id is already taken ([`StoreError::is_constraint`]).
     pub fn insert_dispatch(&self, d: &NewDispatch) -> Result<()> {
-        const OP: &str = "insert_dispatch";
+        self.queue_dispatch(d, "insert_dispatch", "outbox", None)
+    }
+
+    /// What [`Tx::insert_dispatch`] and [`Tx::restore_dispatch`] share: the
+    /// checks, the `queued` dispatch row with its recipients and documents,
+    /// and the `dispatch.queued` event (with `restored_from` after `to` when
+    /// the letter is restored).
+    pub(super) fn queue_dispatch(
+        &self,
+        d: &NewDispatch,
+        op: &'static str,
+        cause: &str,
+        restored_from: Option<&str>,
+    ) -> Result<()> {
         if super::canonical_dispatch_id(&d.id).as_deref() != Some(d.id.as_str()) {
             return Err(StoreError::Invalid(format!(
                 "dispatch id {:?} is not a ULID",
@@ -202,7 +215,7 @@ impl<'a> Tx<'a> {
                     at
                 ])
             })
-            .map_err(self.err(OP))?;
+            .map_err(self.err(op))?;
         {
             let mut stmt = self
                 .tx
@@ -210,10 +223,10 @@ impl<'a> Tx<'a> {
                     "INSERT INTO recipients (dispatch_id, address, position, field, state, \
                      updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
                 )
-                .map_err(self.err(OP))?;
+                .map_err(self.err(op))?;
             for (i, (r, a)) in d.recipients.iter().zip(&addresses).enumerate() {
                 stmt.execute(params![d.id, a, i as i64, r.field.as_str(), at])
-                    .map_err(self.err(OP))?;
+                    .map_err(self.err(op))?;
             }
             let mut stmt = self
                 .tx
@@ -221,7 +234,7 @@ impl<'a> Tx<'a> {
                     "INSERT INTO documents (dispatch_id, position, name, sha256, size) \
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
-                .map_err(self.err(OP))?;
+                .map_err(self.err(op))?;
             for (i, doc) in d.documents.iter().enumerate() {
                 stmt.execute(params![
                     d.id,
@@ -230,7 +243,7 @@ impl<'a> Tx<'a> {
                     doc.sha256,
                     size(doc.size)?
                 ])
-                .map_err(self.err(OP))?;
+                .map_err(self.err(op))?;
             }
         }
         let recipients: Vec<Value> = d
@@ -244,26 +257,33 @@ impl<'a> Tx<'a> {
             .iter()
             .map(|doc| json!({"name": doc.name, "sha256": doc.sha256, "size": doc.size}))
             .collect();
+        let mut detail = serde_json::Map::new();
+        detail.insert("to".into(), json!("queued"));
+        if let Some(from) = restored_from {
+            detail.insert("restored_from".into(), json!(from));
+        }
+        for (key, value) in [
+            ("source", json!(d.source)),
+            ("content_hash", json!(d.content_hash)),
+            ("kind", json!(d.kind)),
+            ("protocol", json!(d.protocol)),
+            ("reference", json!(d.reference)),
+            ("subject", json!(d.subject)),
+            ("receipt_type", json!(d.receipt_type)),
+            ("in_reply_to", json!(d.in_reply_to)),
+            ("sent_dir", json!(d.sent_dir)),
+            ("recipients", Value::Array(recipients)),
+            ("documents", Value::Array(documents)),
+        ] {
+            detail.insert(key.into(), value);
+        }
         self.append_event(&NewEvent {
             at: d.created_at,
             mailbox: Some(d.mailbox.clone()),
             dispatch_id: Some(d.id.clone()),
             event: "dispatch.queued".into(),
-            cause: "outbox".into(),
-            detail: json!({
-                "to": "queued",
-                "source": d.source,
-                "content_hash": d.content_hash,
-                "kind": d.kind,
-                "protocol": d.protocol,
-                "reference": d.reference,
-                "subject": d.subject,
-                "receipt_type": d.receipt_type,
-                "in_reply_to": d.in_reply_to,
-                "sent_dir": d.sent_dir,
-                "recipients": recipients,
-                "documents": documents,
-            }),
+            cause: cause.into(),
+            detail: Value::Object(detail),
         })?;
         Ok(())
     }
@@ -903,7 +923,7 @@ fn object(detail: &Value) -> serde_json::Map<String, Value> {
     }
 }
 
-fn check_sha256(what: &str, s: &str) -> Result<()> {
+pub(super) fn check_sha256(what: &str, s: &str) -> Result<()> {
     if s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -352,6 +352,31 @@ pub fn drop_letter(outbox: &Path, name: &str, envelope: &str, documents: &[(&str
     drop_files(outbox, &files);
 }
 
+/// Drops `count` one-recipient letters at once, `lettera-N.toml` with the
+/// subject `Lettera N` to `recipient(N)`, for N in 1..=count.
+pub fn drop_numbered_letters<'a>(
+    outbox: &Path,
+    count: usize,
+    recipient: impl Fn(usize) -> &'a str,
+) {
+    let envelopes: Vec<(String, String)> = (1..=count)
+        .map(|n| {
+            (
+                format!("lettera-{n}.toml"),
+                format!(
+                    "to = [\"{}\"]\nsubject = \"Lettera {n}\"\nbody = \"Testo della lettera numero {n}.\"\nkind = \"avviso\"\n",
+                    recipient(n)
+                ),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = envelopes
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_bytes()))
+        .collect();
+    drop_files(outbox, &files);
+}
+
 /// Sets a file's modification time `age` into the past.
 pub fn age_file(path: &Path, age: Duration) {
     let f = fs::File::options()
@@ -504,6 +529,26 @@ pub fn by_subject<'a>(list: &'a [Value], subject: &str) -> &'a Value {
         "letters with subject {subject:?}: {found:?}"
     );
     found[0]
+}
+
+/// Every dispatch in the store, in `list` order.
+pub fn all_dispatches(db: &Db) -> Vec<pecgate::store::DispatchDetail> {
+    let mut all = Vec::new();
+    db.list(None, None, |d| {
+        all.push(d);
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("list");
+    all
+}
+
+/// The seed of a randomised test: `PECGATE_TEST_SEED` if set, else a fixed
+/// one (each test prints it, so that a failing run can be repeated).
+pub fn test_seed() -> u64 {
+    std::env::var("PECGATE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_2026_u64)
 }
 
 /// A `Value` that must be a string.
