@@ -659,6 +659,23 @@ impl Default for Deadlines {
 }
 
 impl Deadlines {
+    /// The same deadlines as the pure core's rules
+    /// ([`crate::pec::policy::Deadlines`]).
+    pub fn rules(&self) -> crate::pec::policy::Deadlines {
+        crate::pec::policy::Deadlines {
+            acceptance: self.acceptance,
+            delivery: self.delivery,
+            uncertain_grace: self.uncertain_grace,
+        }
+    }
+
+    /// The shortest of the three, as a std `Duration` (for timers).
+    pub fn shortest_std(&self) -> Duration {
+        self.acceptance_std()
+            .min(self.delivery_std())
+            .min(self.uncertain_grace_std())
+    }
+
     /// [`Deadlines::acceptance`] as a std `Duration` (for timers).
     pub fn acceptance_std(&self) -> Duration {
         unsigned(self.acceptance)

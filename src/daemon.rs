@@ -92,16 +92,21 @@ struct Shared {
     ingest: Ingest,
 }
 
-/// Starts every task of `mailbox`. Fails (starting nothing) when its SMTP
-/// client cannot be built (e.g. an unreadable CA file).
+/// The sender of `mailbox`: fails when its SMTP client cannot be built
+/// (e.g. an unreadable CA file), before any task of the mailbox starts.
+fn sender_for(config: &Config, mailbox: &MailboxConfig, shared: &Shared) -> anyhow::Result<Sender> {
+    Sender::new(config, mailbox, shared.store.clone())
+        .map_err(|e| anyhow::anyhow!("mailbox {}: {e}", mailbox.name))
+}
+
+/// Starts every task of `mailbox`, with its `sender` (see [`sender_for`]).
 fn spawn_mailbox(
     config: &Arc<Config>,
     mailbox: &MailboxConfig,
+    sender: Sender,
     shared: &Shared,
     root: &CancellationToken,
-) -> anyhow::Result<MailboxTasks> {
-    let sender = Sender::new(config, mailbox, shared.store.clone())
-        .map_err(|e| anyhow::anyhow!("mailbox {}: {e}", mailbox.name))?;
+) -> MailboxTasks {
     let cancel = root.child_token();
     let tracker = TaskTracker::new();
     let wake = Arc::new(Notify::new());
@@ -140,11 +145,11 @@ fn spawn_mailbox(
     ));
     tracker.spawn(sender_task(sender, mailbox.clone(), wake, cancel.clone()));
     tracker.close();
-    Ok(MailboxTasks {
+    MailboxTasks {
         config: mailbox.clone(),
         cancel,
         tracker,
-    })
+    }
 }
 
 /// Creates the folders a configuration needs.
@@ -194,6 +199,11 @@ async fn status_line(store: &Store, mailboxes: usize) -> String {
 }
 
 async fn serve(config: Config, explicit: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    // First of all: a signal during start-up must not kill the process
+    // halfway (it is handled once the tasks run).
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     create_folders(&config)?;
     let store = Store::open(&config.store.database)
         .await
@@ -210,7 +220,8 @@ async fn serve(config: Config, explicit: Option<PathBuf>) -> anyhow::Result<Exit
     let mut config = Arc::new(config);
     let mut groups: BTreeMap<String, MailboxTasks> = BTreeMap::new();
     for mailbox in config.mailboxes.values() {
-        let g = spawn_mailbox(&config, mailbox, &shared, &root)?;
+        let sender = sender_for(&config, mailbox, &shared)?;
+        let g = spawn_mailbox(&config, mailbox, sender, &shared, &root);
         groups.insert(mailbox.name.clone(), g);
     }
     let backups = TaskTracker::new();
@@ -227,9 +238,6 @@ async fn serve(config: Config, explicit: Option<PathBuf>) -> anyhow::Result<Exit
     let status = status_line(&store, groups.len()).await;
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let watchdog = sd_notify::watchdog_enabled();
     let tick = watchdog.map_or(STATUS_EVERY, |w| (w / 2).max(Duration::from_millis(100)));
     let mut ticks = tokio::time::interval(tick);
@@ -335,15 +343,12 @@ async fn reload(
     let new = Arc::new(new);
     // Build every new sender first: a bad mailbox refuses the whole reload
     // before anything is stopped.
-    let to_start: Vec<&MailboxConfig> = new
+    let to_start = new
         .mailboxes
         .values()
         .filter(|m| global_changed || groups.get(&m.name).is_none_or(|g| g.config != **m))
-        .collect();
-    for m in &to_start {
-        Sender::new(&new, m, shared.store.clone())
-            .map_err(|e| anyhow::anyhow!("mailbox {}: {e}", m.name))?;
-    }
+        .map(|m| Ok((m, sender_for(&new, m, shared)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let to_stop: Vec<String> = groups
         .keys()
         .filter(|name| {
@@ -362,8 +367,8 @@ async fn reload(
         }
     }
     let mut started = Vec::new();
-    for m in to_start {
-        let g = spawn_mailbox(&new, m, shared, root)?;
+    for (m, sender) in to_start {
+        let g = spawn_mailbox(&new, m, sender, shared, root);
         started.push(m.name.clone());
         groups.insert(m.name.clone(), g);
     }

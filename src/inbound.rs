@@ -1,7 +1,7 @@
 //! The inbound tasks of `pecgate run`, per mailbox (DESIGN.md, "Inbound"):
 //!
-//! - [`watch_task`]: the IMAP session ([`crate::imap::run`]) feeding every
-//!   message to [`crate::ingest`] on the store thread, and keeping the
+//! - [`watch_task`]: the IMAP session ([`crate::imap::run_batched`]) feeding
+//!   each fetched batch to [`crate::ingest`] on the store thread, and keeping the
 //!   cursor (UIDVALIDITY, last UID, last sync, quota) in the store;
 //! - [`timer_task`]: the deadlines of the pure core
 //!   ([`crate::pec::policy::Deadlines`]): acceptance overdue (warning),
@@ -23,7 +23,6 @@
 //! recognises by their SHA-256.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -40,24 +39,12 @@ use crate::pec::state::{AttemptState, Change, DispatchState, Event, Outcome};
 use crate::store::{self, CursorUpdate, Db, DeadlineCutoffs, DispatchChange, NewEvent, Store};
 use crate::telemetry::{event, field};
 
-/// The cursor is saved at least every this many messages during a long
-/// catch-up (and at the end of every sync).
-const CURSOR_EVERY: u32 = 64;
 /// Longest sleep of the deadline timer.
 const TIMER_MAX: Duration = Duration::from_secs(30);
 /// Shortest sleep of the deadline timer.
 const TIMER_MIN: Duration = Duration::from_secs(1);
 /// UIDs handled per retention pass.
 const RETENTION_BATCH: u32 = 500;
-
-/// The deadlines of the pure core, from the configuration.
-pub fn deadlines(config: &Config) -> Deadlines {
-    Deadlines {
-        acceptance: config.deadlines.acceptance,
-        delivery: config.deadlines.delivery,
-        uncertain_grace: config.deadlines.uncertain_grace,
-    }
-}
 
 // ---------------------------------------------------------------------------
 // IMAP → ingest
@@ -85,7 +72,6 @@ pub async fn watch_task(
             return;
         }
     };
-    let since_save = Arc::new(AtomicU32::new(0));
     let mailbox = Arc::new(mailbox);
     let handler = {
         let mailbox = mailbox.clone();
@@ -93,10 +79,9 @@ pub async fn watch_task(
             let store = store.clone();
             let ingest = ingest.clone();
             let mailbox = mailbox.clone();
-            let since_save = since_save.clone();
             let synced = synced.clone();
             async move {
-                handle(&store, &ingest, &mailbox, &since_save, ev, &synced)
+                handle(&store, &ingest, &mailbox, ev, &synced)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -111,91 +96,16 @@ async fn handle(
     store: &Store,
     ingest: &Ingest,
     mailbox: &Arc<MailboxConfig>,
-    since_save: &AtomicU32,
     ev: SyncEvent,
     synced: &Notify,
 ) -> Result<(), String> {
     let name = mailbox.name.clone();
     let now = Timestamp::now();
     match ev {
-        SyncEvent::Message(f) => {
-            let (ingest, mb) = (ingest.clone(), mailbox.clone());
-            let save = since_save.fetch_add(1, Ordering::Relaxed) + 1 >= CURSOR_EVERY;
-            let (uid, uidvalidity) = (f.uid, f.uidvalidity);
-            let outcome = store
-                .call(move |db| {
-                    let source = Source {
-                        uid: Some(uid),
-                        uidvalidity: Some(uidvalidity),
-                    };
-                    let out = ingest.ingest(db, &mb, &f.bytes, source, now);
-                    if out.is_ok() && save {
-                        db.save_cursor(&CursorUpdate {
-                            mailbox: &mb.name,
-                            uidvalidity: Some(uidvalidity),
-                            last_uid: Some(uid),
-                            synced: false,
-                            quota: None,
-                            at: now,
-                        })?;
-                    }
-                    Ok(out)
-                })
-                .await
-                .map_err(|e| format!("store: {e}"))?
-                .map_err(|e| format!("ingest of uid {uid}: {e}"))?;
-            if save {
-                since_save.store(0, Ordering::Relaxed);
-            }
-            log_outcome(&name, uid, &outcome);
-            Ok(())
-        }
-        SyncEvent::Messages(batch) => {
-            let Some(last) = batch.last() else {
-                return Ok(());
-            };
-            let (last_uid, uidvalidity) = (last.uid, last.uidvalidity);
-            let (first_uid, count) = (batch[0].uid, batch.len());
-            let (ingest, mb) = (ingest.clone(), mailbox.clone());
-            let outcomes = store
-                .call(move |db| {
-                    let items: Vec<(&[u8], Source)> = batch
-                        .iter()
-                        .map(|f| {
-                            let source = Source {
-                                uid: Some(f.uid),
-                                uidvalidity: Some(f.uidvalidity),
-                            };
-                            (f.bytes.as_slice(), source)
-                        })
-                        .collect();
-                    let out = ingest.ingest_batch(db, &mb, &items, now);
-                    if out.is_ok() {
-                        // After the batch's commit: a crash before this
-                        // line re-fetches the batch, which ingest
-                        // recognises by SHA-256.
-                        db.save_cursor(&CursorUpdate {
-                            mailbox: &mb.name,
-                            uidvalidity: Some(uidvalidity),
-                            last_uid: Some(last_uid),
-                            synced: false,
-                            quota: None,
-                            at: now,
-                        })?;
-                    }
-                    Ok(out.map(|o| batch.iter().map(|f| f.uid).zip(o).collect::<Vec<_>>()))
-                })
-                .await
-                .map_err(|e| format!("store: {e}"))?
-                .map_err(|e| {
-                    format!("ingest of uids {first_uid}..{last_uid} ({count} messages): {e}")
-                })?;
-            since_save.store(0, Ordering::Relaxed);
-            for (uid, outcome) in &outcomes {
-                log_outcome(&name, *uid, outcome);
-            }
-            Ok(())
-        }
+        // `run_batched` hands over whole batches; a single message is a
+        // batch of one.
+        SyncEvent::Message(f) => ingest_fetched(store, ingest, mailbox, vec![f], now).await,
+        SyncEvent::Messages(batch) => ingest_fetched(store, ingest, mailbox, batch, now).await,
         SyncEvent::UidValidityChanged { old, new } => store
             .call(move |db| {
                 db.save_cursor(&CursorUpdate {
@@ -250,12 +160,64 @@ async fn handle(
                 })
                 .await
                 .map_err(|e| format!("store: {e}"))?;
-            since_save.store(0, Ordering::Relaxed);
             debug!({ field::EVENT } = event::MAILBOX_SYNCED, { field::MAILBOX } = %name, { field::UID } = last_uid, "mailbox synced");
             synced.notify_waiters();
             Ok(())
         }
     }
+}
+
+/// Takes a fetched batch in (one store job, one transaction) and moves the
+/// cursor past it after the commit.
+async fn ingest_fetched(
+    store: &Store,
+    ingest: &Ingest,
+    mailbox: &Arc<MailboxConfig>,
+    batch: Vec<imap::Fetched>,
+    now: Timestamp,
+) -> Result<(), String> {
+    let name = mailbox.name.clone();
+    let Some(last) = batch.last() else {
+        return Ok(());
+    };
+    let (last_uid, uidvalidity) = (last.uid, last.uidvalidity);
+    let (first_uid, count) = (batch[0].uid, batch.len());
+    let (ingest, mb) = (ingest.clone(), mailbox.clone());
+    let outcomes = store
+        .call(move |db| {
+            let items: Vec<(&[u8], Source)> = batch
+                .iter()
+                .map(|f| {
+                    let source = Source {
+                        uid: Some(f.uid),
+                        uidvalidity: Some(f.uidvalidity),
+                    };
+                    (f.bytes.as_slice(), source)
+                })
+                .collect();
+            let out = ingest.ingest_batch(db, &mb, &items, now);
+            if out.is_ok() {
+                // After the batch's commit: a crash before this
+                // line re-fetches the batch, which ingest
+                // recognises by SHA-256.
+                db.save_cursor(&CursorUpdate {
+                    mailbox: &mb.name,
+                    uidvalidity: Some(uidvalidity),
+                    last_uid: Some(last_uid),
+                    synced: false,
+                    quota: None,
+                    at: now,
+                })?;
+            }
+            Ok(out.map(|o| batch.iter().map(|f| f.uid).zip(o).collect::<Vec<_>>()))
+        })
+        .await
+        .map_err(|e| format!("store: {e}"))?
+        .map_err(|e| format!("ingest of uids {first_uid}..{last_uid} ({count} messages): {e}"))?;
+    for (uid, outcome) in &outcomes {
+        log_outcome(&name, *uid, outcome);
+    }
+    Ok(())
 }
 
 fn log_outcome(mailbox: &str, uid: u32, o: &IngestOutcome) {
@@ -421,13 +383,8 @@ pub async fn timer_task(
     wake_sender: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    let rules = deadlines(&config);
-    let shortest = [rules.acceptance, rules.delivery, rules.uncertain_grace]
-        .into_iter()
-        .filter_map(|d| Duration::try_from(d).ok())
-        .min()
-        .unwrap_or(TIMER_MAX);
-    let tick = (shortest / 4).clamp(TIMER_MIN, TIMER_MAX);
+    let rules = config.deadlines.rules();
+    let tick = (config.deadlines.shortest_std() / 4).clamp(TIMER_MIN, TIMER_MAX);
     loop {
         let name = mailbox.name.clone();
         let now = Timestamp::now();

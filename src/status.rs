@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::ingest::dispatch_from_store;
 use crate::outbox::intake::{PROCESSING_DIR, REJECTED_DIR, is_ignored};
-use crate::pec::policy::{Deadlines, Due};
+use crate::pec::policy::Due;
 use crate::sent::ts;
 use crate::store::{DISPATCH_STATES, Db, DeadlineCutoffs};
 
@@ -102,22 +102,13 @@ pub struct Status {
     pub mailboxes: Vec<MailboxStatus>,
 }
 
-/// The deadline rules of the pure core from the configuration.
-pub fn rules(config: &Config) -> Deadlines {
-    Deadlines {
-        acceptance: config.deadlines.acceptance,
-        delivery: config.deadlines.delivery,
-        uncertain_grace: config.deadlines.uncertain_grace,
-    }
-}
-
 /// Collects the status at `now` (blocking: reads the store and the outbox folders).
 ///
 /// # Errors
 ///
 /// Store failures; a stored state the core cannot read.
 pub fn collect(config: &Config, db: &Db, now: Timestamp) -> anyhow::Result<Status> {
-    let rules = rules(config);
+    let rules = config.deadlines.rules();
     let mut names: Vec<String> = config.mailboxes.keys().cloned().collect();
     let counts = db.state_counts()?;
     let receipts = db.receipt_counts()?;

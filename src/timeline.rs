@@ -44,7 +44,7 @@ pub fn timelines(
     key: &str,
     now: Timestamp,
 ) -> Result<Vec<Timeline>, String> {
-    let rules = inbound::deadlines(config);
+    let rules = config.deadlines.rules();
     let mut out = Vec::new();
     for row in db.find(key.trim()).map_err(|e| e.to_string())? {
         let Some(detail) = db.get(&row.id).map_err(|e| e.to_string())? else {

@@ -67,6 +67,17 @@ async fn a_restored_backup_does_not_send_again_what_left_after_it() {
         assert!(out.status.success(), "restore: {out:?}");
         let list = gw.list(None).await;
         assert_eq!(list[0]["state"], "queued", "restored as it was: {list:?}");
+        let held = |gw: &Gateway| {
+            gw.db()
+                .mailbox_state(MAILBOX)
+                .unwrap()
+                .and_then(|s| s.suspended_reason)
+        };
+        assert_eq!(
+            held(&gw).as_deref(),
+            Some(pecgate::store::HOLD_UNTIL_SYNC),
+            "the restored database holds sending"
+        );
 
         // 5. The daemon reads the mailbox before sending: the acceptance of
         // the attempt made after the backup settles the letter.
@@ -77,6 +88,7 @@ async fn a_restored_backup_does_not_send_again_what_left_after_it() {
             })
             .await;
         assert_eq!(after[0]["dispatch_id"], id.as_str());
+        assert_eq!(held(&gw), None, "lifted after the first complete sync");
         assert_eq!(after[0]["message_id"], sent_mid.as_str(), "no new attempt");
         // Mario still has exactly one copy (mailboxes_exactly waits QUIET).
         let boxes = mailboxes_exactly(&env, &[(MARIO, 1)]).await;
